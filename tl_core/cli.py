@@ -1,0 +1,263 @@
+"""Command line: ``python -m tl_core {inspect,train,predict,export,explain,compare,backbones}``.
+
+Progress bars go to stderr; results to stdout. With ``--json`` the last line of stdout is one JSON
+document (a contract that scripts and tests rely on). Errors exit non-zero with one readable line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from . import __version__
+
+logger = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2
+
+
+class TqdmProgress:
+    """A training callback drawing tqdm bars on stderr: one for features, one for epochs."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_fit_start(self, state) -> None: ...
+
+    def on_phase_start(self, state) -> None:
+        from tqdm import tqdm
+
+        self._close()
+        if not self.enabled:
+            return
+        if state.phase == "features":
+            self.bar = tqdm(total=state.batches, desc="features", unit="batch", file=sys.stderr, leave=False)
+        elif state.phase == "train":
+            self.bar = tqdm(total=state.epochs, desc="epochs", unit="epoch", file=sys.stderr, leave=False)
+
+    def on_epoch_start(self, state) -> None: ...
+
+    def on_batch_end(self, state) -> None:
+        if self.bar is not None and state.phase == "features":
+            self.bar.update(1)
+            self.bar.set_postfix(img_s=f"{state.images_per_sec:.1f}")
+
+    def on_epoch_end(self, state) -> None:
+        if self.bar is not None:
+            row = state.history[-1]
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
+
+    def on_message(self, state, message: str) -> None:
+        print(message, file=sys.stderr)
+
+    def on_fit_end(self, state) -> None:
+        self._close()
+
+
+def _emit(args, payload: dict | list, human: str) -> None:
+    if human:
+        print(human)
+    if getattr(args, "json", False):
+        print(json.dumps(payload, default=_json_default))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if math.isnan(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_inspect(args) -> int:
+    from .data import load_dataset
+
+    data = load_dataset(args.data, work_dir=args.work_dir)
+    r = data.report
+    payload = r.to_dict()
+    payload["skipped"] = [{"file": s.path, "reason": s.reason, "detail": s.detail} for s in r.skipped]
+    payload["duplicates"] = [{"kind": d.kind, "files": [f[0] for f in d.files]} for d in r.duplicates]
+    lines = [f"{r.source}: {r.num_images} images in {len(r.classes)} classes ({r.layout} layout)"]
+    for c in r.classes:
+        by_split = ", ".join(f"{s} {r.split_counts[s][c]}" for s in r.split_counts) if r.split_counts else ""
+        lines.append(f"  {c:<24} {r.counts[c]:>6}" + (f"   ({by_split})" if by_split else ""))
+    lines.append(f"imbalance ratio {r.imbalance_ratio:.2f}; sizes {r.sizes['min_width']}-{r.sizes['max_width']} px wide")
+    if r.skipped:
+        lines.append(f"skipped {len(r.skipped)} files: " + ", ".join(f"{n} {k}" for k, n in r.skipped_by_reason().items()))
+        lines += [f"  {s.path}: {s.detail}" for s in r.skipped[:10]]
+    for kind, label in (("cross_class", "in two classes"), ("cross_split", "in two splits (leakage)"), ("within_class", "duplicated within a class")):
+        groups = r.duplicates_of(kind)
+        if groups:
+            lines.append(f"{len(groups)} images {label}: " + "; ".join(" = ".join(f[0] for f in g.files) for g in groups[:3]))
+    if r.too_small:
+        lines.append("classes too small to split: " + ", ".join(r.too_small))
+    lines += r.notes
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+def _train_config(args):
+    from .training import TrainConfig
+
+    return TrainConfig(
+        backbone=args.backbone,
+        strategy=args.strategy,
+        trainable_stages=args.trainable_stages,
+        weights=args.weights,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        hidden=args.hidden,
+        augment=args.augment,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+        val_fraction=args.val_fraction,
+    )
+
+
+def cmd_train(args) -> int:
+    from .data import load_dataset
+    from .runs import RunStore
+    from .training import fit
+
+    data = load_dataset(args.data, work_dir=args.work_dir)
+    config = _train_config(args)
+    result = fit(data, config, callbacks=[TqdmProgress(not args.quiet)])
+    summary = result.summary()
+    out = RunStore(args.out).save(result, data)
+    summary["out"] = str(out)
+    summary["run_id"] = out.name
+    if args.export:
+        from .export import export_run
+
+        summary["export"] = str(export_run(out, args.export))
+    m = result.evaluation.metrics()
+    human = (
+        f"{config.backbone} ({config.strategy}) on {data.report.source}: val accuracy {m['accuracy']:.3f}, "
+        f"balanced {m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} after {summary['epochs_run']} epochs "
+        f"in {summary['wall_seconds']:.1f} s ({summary['feature_seconds']:.1f} s computing features) on {summary['device']}. "
+        f"{result.message}"
+    )
+    human += f"\nsaved run: {out}"
+    _emit(args, summary, human)
+    return 0
+
+
+def cmd_backbones(args) -> int:
+    from .backbones import get_backbone, list_backbones, weights_available
+
+    rows = []
+    for name in list_backbones():
+        s = get_backbone(name)
+        rows.append(
+            {
+                "name": name,
+                "params_m": round(s.params / 1e6, 1),
+                "imagenet_top1": s.imagenet_top1,
+                "input_size": s.input_size,
+                "gflops": s.gflops,
+                "available": weights_available(name),
+                "licence": s.licence,
+            }
+        )
+    human = "\n".join(
+        f"{r['name']:<20} {r['params_m']:>6.1f}M  top-1 {r['imagenet_top1']:5.1f}  {r['gflops']:5.2f} GFLOPs  "
+        f"{'ready offline' if r['available'] else 'needs download'}"
+        for r in rows
+    )
+    _emit(args, rows, human)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tl_core", description="Transfer Studio's engine on the command line.")
+    p.add_argument("--version", action="version", version=f"transfer-studio {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_arg(sp):
+        sp.add_argument("data", help="a folder of class sub-folders (or train/val split folders), a .zip, or a .csv of filename,label")
+        sp.add_argument("--work-dir", help="where zips are extracted (default: system temp)")
+
+    sp = sub.add_parser("inspect", help="check a dataset's health")
+    data_arg(sp)
+    sp.add_argument("--json", action="store_true", help="last line of stdout is a JSON object")
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("train", help="train a transfer model")
+    data_arg(sp)
+    sp.add_argument("--backbone", default="efficientnet_lite0", help="see `python -m tl_core backbones`")
+    sp.add_argument("--strategy", default="frozen", choices=["frozen", "partial", "full"])
+    sp.add_argument("--trainable-stages", type=int, help="partial: how many last stages train")
+    sp.add_argument("--weights", default="pretrained", help="pretrained, random, or a .pth/.safetensors state dict")
+    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--hidden", type=int, default=0, help="hidden layer width of the head (0: none)")
+    sp.add_argument("--augment", default="none", choices=["none", "light", "strong"])
+    sp.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
+    sp.add_argument("--val-fraction", type=float, default=0.2)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--out", default="runs", help="runs folder (default: ./runs)")
+    sp.add_argument("--export", metavar="FILE.zip", help="also export the model bundle")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.add_argument("--json", action="store_true", help="last line of stdout is a JSON object")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("backbones", help="list the backbones")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_backbones)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .backbones import BackboneError
+    from .data import DataError
+    from .training import TrainingError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    user_errors: tuple[type[BaseException], ...] = (DataError, BackboneError, TrainingError, FileNotFoundError, ValueError, OSError)
+    try:
+        from .export import BundleError
+
+        user_errors += (BundleError,)
+    except ImportError:
+        pass
+    try:
+        return args.func(args)
+    except user_errors as exc:
+        if args.verbose:
+            logger.exception("failed")
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

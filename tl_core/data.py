@@ -1,0 +1,988 @@
+"""Datasets: find the images, check their health, split them, decode them once.
+
+Sources (:func:`load_dataset`): a folder of class sub-folders; a folder of split folders
+(``train``/``val``/``test``, also ``valid``/``validation``) holding class sub-folders; a zip archive of
+either layout; a CSV of ``filename,label`` relative to its folder.
+
+Every source yields a :class:`ImageSet`: the usable samples and a :class:`DataReport` (classes, counts,
+image sizes, files skipped and why, exact duplicates, imbalance). Problems with single files are
+reported and skipped; problems with the whole input raise :class:`DataError` with a message that names
+the input, the problem and the fix.
+
+Decoded images are cached by :class:`ImageCache`: each file is decoded and resized once, keyed by its
+content hash, so later epochs and later runs read a small uint8 array instead of a JPEG.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import zipfile
+from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .preprocess import (
+    DEFAULT_MAX_PIXELS,
+    HEIF_SUPPORTED,
+    ImageDecodeError,
+    Preprocessing,
+    center_crop,
+    load_image,
+    resized_array,
+    to_input,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff") + (
+    (".heic", ".heif") if HEIF_SUPPORTED else ()
+)
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx"}
+CSV_FILE_COLUMNS = ("filename", "file", "file_name", "path", "filepath", "image", "image_path", "img")
+CSV_LABEL_COLUMNS = ("label", "class", "category", "target", "class_name", "y")
+
+
+class DataError(ValueError):
+    """The input as a whole cannot be used; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits on what is accepted, shown to users so they know them before uploading.
+
+    Attributes:
+        max_files: Most files in one dataset or archive.
+        max_total_bytes: Most bytes of one dataset once extracted.
+        max_pixels: Most pixels one image may declare (decompression bombs are refused).
+        max_ratio: Highest compression ratio of a zip member (zip bombs are refused).
+        max_nested_zips: How many zips inside a zip are opened (one level).
+    """
+
+    max_files: int = 20_000
+    max_total_bytes: int = 2 * 1024**3
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_ratio: float = 200.0
+    max_nested_zips: int = 20
+
+    def describe(self) -> str:
+        return (
+            f"up to {self.max_files:,} files, {self.max_total_bytes / 1024**3:.1f} GB in all, "
+            f"{self.max_pixels / 1e6:.0f} megapixels per image"
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One usable image.
+
+    Attributes:
+        path: Absolute path of the file.
+        label: Class name.
+        split: ``train``, ``val`` or ``test`` when the source fixed it, else ``None``.
+        digest: Content hash (BLAKE2b, 16 bytes hex).
+        width: Width after EXIF orientation... as declared by the file header.
+        height: Height as declared.
+        relpath: Path shown to people, relative to the dataset root.
+    """
+
+    path: str
+    label: str
+    split: str | None
+    digest: str
+    width: int
+    height: int
+    relpath: str
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that was left out, and why."""
+
+    path: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Byte-identical files.
+
+    Attributes:
+        kind: ``within_class`` (harmless but wasteful), ``cross_class`` (conflicting labels) or
+            ``cross_split`` (the same image in train and val/test: leakage).
+        digest: Their content hash.
+        files: ``(relpath, label, split)`` of each copy.
+    """
+
+    kind: str
+    digest: str
+    files: tuple[tuple[str, str, str | None], ...]
+
+
+@dataclass
+class DataReport:
+    """The health of a dataset, as data. :mod:`ui` turns it into readable warnings."""
+
+    source: str
+    source_kind: str
+    layout: str
+    classes: list[str]
+    counts: dict[str, int]
+    split_counts: dict[str, dict[str, int]]
+    sizes: dict[str, float]
+    formats: dict[str, int]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    duplicates: list[DuplicateGroup] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def imbalance_ratio(self) -> float:
+        """Largest class count over the smallest (1.0 when balanced)."""
+        values = [v for v in self.counts.values() if v]
+        return max(values) / min(values) if values else 0.0
+
+    @property
+    def too_small(self) -> list[str]:
+        """Classes with fewer than 2 images: they cannot appear in both train and validation."""
+        return [c for c, n in self.counts.items() if n < 2]
+
+    def duplicates_of(self, kind: str) -> list[DuplicateGroup]:
+        return [d for d in self.duplicates if d.kind == kind]
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(s.reason for s in self.skipped))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            num_images=self.num_images,
+            imbalance_ratio=round(self.imbalance_ratio, 3),
+            too_small=self.too_small,
+            duplicate_counts={k: len(self.duplicates_of(k)) for k in ("within_class", "cross_class", "cross_split")},
+        )
+        return d
+
+
+@dataclass
+class ImageSet:
+    """The usable samples of a dataset, with its report.
+
+    Attributes:
+        root: Folder the samples live in (for a zip: its extraction folder).
+        samples: Usable images, sorted by class then path.
+        classes: Class names, sorted; their index is the class index.
+        report: The health report.
+    """
+
+    root: Path
+    samples: list[Sample]
+    classes: list[str]
+    report: DataReport
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+    def targets(self, samples: Sequence[Sample] | None = None) -> np.ndarray:
+        idx = self.class_to_idx
+        return np.array([idx[s.label] for s in (self.samples if samples is None else samples)], dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        """Hash of the content, labels and given splits: equal data gives an equal fingerprint."""
+        h = hashlib.blake2b(digest_size=12)
+        for s in sorted(self.samples, key=lambda s: (s.digest, s.label, s.split or "")):
+            h.update(f"{s.digest}|{s.label}|{s.split}\n".encode())
+        return h.hexdigest()
+
+    @property
+    def has_splits(self) -> bool:
+        return any(s.split for s in self.samples)
+
+
+# --------------------------------------------------------------------------------------------------
+# Walking sources
+
+
+def _is_junk(name: str) -> bool:
+    low = name.lower()
+    return low in JUNK_NAMES or name.startswith(".") or name.startswith("._")
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_files(folder: Path) -> Iterator[Path]:
+    """Files under ``folder``, recursively, skipping junk and hidden entries and never following links."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+        for name in sorted(filenames):
+            if not _is_junk(name):
+                yield Path(dirpath) / name
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not _is_junk(p.name))
+
+
+def _unwrap(folder: Path) -> Path:
+    """Descends through single wrapping folders (``my_data/`` inside a zip, say)."""
+    for _ in range(5):
+        entries = [p for p in folder.iterdir() if not _is_junk(p.name)]
+        dirs = [p for p in entries if p.is_dir() and not p.is_symlink()]
+        files = [p for p in entries if p.is_file()]
+        if len(dirs) == 1 and not any(_is_image_name(f.name) or f.suffix.lower() == ".csv" for f in files):
+            folder = dirs[0]
+        else:
+            break
+    return folder
+
+
+@dataclass
+class _Candidate:
+    path: Path
+    label: str
+    split: str | None
+
+
+def _folder_candidates(root: Path, skipped: list[SkippedFile]) -> tuple[list[_Candidate], str]:
+    dirs = _subdirs(root)
+    split_dirs = {d: SPLIT_NAMES[d.name.lower()] for d in dirs if d.name.lower() in SPLIT_NAMES}
+    candidates: list[_Candidate] = []
+    if split_dirs:
+        layout = "splits"
+        for d in dirs:
+            if d not in split_dirs:
+                skipped.append(SkippedFile(_rel(d, root), "outside_splits", "a folder beside the split folders is ignored"))
+        splits_seen: dict[str, Path] = {}
+        for d, split in split_dirs.items():
+            if split in splits_seen:
+                raise DataError(
+                    f"{root} has two folders for the {split} split ({splits_seen[split].name} and {d.name}); "
+                    "keep one of them"
+                )
+            splits_seen[split] = d
+            candidates += _class_candidates(root, d, split, skipped)
+    else:
+        layout = "classes"
+        candidates = _class_candidates(root, root, None, skipped)
+    return candidates, layout
+
+
+def _class_candidates(root: Path, folder: Path, split: str | None, skipped: list[SkippedFile]) -> list[_Candidate]:
+    out = []
+    for entry in sorted(folder.iterdir()):
+        if _is_junk(entry.name):
+            continue
+        if entry.is_symlink():
+            skipped.append(SkippedFile(_rel(entry, root), "symlink", "links are not followed"))
+        elif entry.is_dir():
+            label = entry.name.strip()
+            files = list(_walk_files(entry))
+            if not files:
+                skipped.append(SkippedFile(_rel(entry, root), "empty_class", f"class folder '{label}' holds no files"))
+            for f in files:
+                out.append(_Candidate(f, label, split))
+        elif entry.is_file():
+            if entry.suffix.lower() == ".csv":
+                continue
+            skipped.append(
+                SkippedFile(_rel(entry, root), "no_class", "the file is not inside a class folder, so it has no label")
+            )
+    return out
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _read_csv_text(path: Path) -> tuple[str, str]:
+    raw = path.read_bytes()
+    for encoding in ("utf-8-sig", "cp1252", "latin-1"):
+        try:
+            return raw.decode(encoding), encoding
+        except UnicodeDecodeError:
+            continue
+    raise DataError(f"{path.name} cannot be decoded as text; save it as UTF-8 CSV")  # pragma: no cover
+
+
+def _csv_candidates(csv_path: Path, root: Path, skipped: list[SkippedFile], notes: list[str]) -> list[_Candidate]:
+    text, encoding = _read_csv_text(csv_path)
+    if encoding != "utf-8-sig":
+        notes.append(f"{csv_path.name} is not UTF-8; it was read as {encoding}.")
+    try:
+        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.reader(io.StringIO(text), dialect))
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise DataError(f"{csv_path.name} is empty; it needs a header row 'filename,label' and one row per image")
+    header = [c.strip().lower() for c in rows[0]]
+    file_col = next((header.index(c) for c in CSV_FILE_COLUMNS if c in header), None)
+    label_col = next((header.index(c) for c in CSV_LABEL_COLUMNS if c in header), None)
+    if file_col is None or label_col is None:
+        if len(header) >= 2 and _is_image_name(rows[0][0].strip()):
+            file_col, label_col = 0, 1  # no header row: the first row is data
+        else:
+            raise DataError(
+                f"{csv_path.name} has columns {', '.join(rows[0])}; it needs a file column "
+                f"({' / '.join(CSV_FILE_COLUMNS[:3])}) and a label column ({' / '.join(CSV_LABEL_COLUMNS[:3])})"
+            )
+    else:
+        rows = rows[1:]
+        extra = [rows_h for i, rows_h in enumerate(header) if i not in (file_col, label_col)]
+        if extra:
+            notes.append(f"{csv_path.name}: ignored the columns {', '.join(extra)}.")
+    # Index files by name so CSVs that name bare files still find them in sub-folders (flattened uploads).
+    by_name: dict[str, list[Path]] = defaultdict(list)
+    for f in _walk_files(root):
+        by_name[f.name].append(f)
+    root_resolved = root.resolve()
+    seen: set[tuple[str, str]] = set()
+    out = []
+    duplicated = 0
+    for row in rows:
+        if len(row) <= max(file_col, label_col):
+            skipped.append(SkippedFile(",".join(row)[:80], "bad_row", "the row has too few columns"))
+            continue
+        name, label = row[file_col].strip(), " ".join(row[label_col].split())
+        if not name or not label:
+            skipped.append(SkippedFile(name or ",".join(row)[:80], "bad_row", "the row has no file name or no label"))
+            continue
+        if (name, label) in seen:
+            duplicated += 1
+            continue
+        seen.add((name, label))
+        rel = PurePosixPath(name.replace("\\", "/"))
+        if rel.is_absolute() or ".." in rel.parts:
+            skipped.append(SkippedFile(name, "unsafe_path", "the path leaves the dataset folder"))
+            continue
+        target = (root / rel).resolve()
+        if not target.is_relative_to(root_resolved):
+            skipped.append(SkippedFile(name, "unsafe_path", "the path leaves the dataset folder"))
+            continue
+        if not target.is_file():
+            matches = by_name.get(rel.name, [])
+            if len(matches) == 1:
+                target = matches[0]
+            else:
+                skipped.append(SkippedFile(name, "missing", "the CSV names a file that is not in the folder"))
+                continue
+        out.append(_Candidate(target, label, None))
+    if duplicated:
+        notes.append(f"{csv_path.name}: {duplicated} duplicated rows were counted once.")
+    # Labels that differ only by case are one class: keep the most common spelling.
+    spellings: dict[str, Counter] = defaultdict(Counter)
+    for c in out:
+        spellings[c.label.casefold()][c.label] += 1
+    canonical = {}
+    for key, counter in spellings.items():
+        best = counter.most_common(1)[0][0]
+        if len(counter) > 1:
+            notes.append(f"labels {', '.join(repr(s) for s in sorted(counter))} differ only by case; merged as {best!r}.")
+        for s in counter:
+            canonical[s] = best
+    return [_Candidate(c.path, canonical[c.label], None) for c in out]
+
+
+# --------------------------------------------------------------------------------------------------
+# Zip archives
+
+
+def _member_is_symlink(info: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _safe_member_path(name: str) -> PurePosixPath | None:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+        return None
+    return p
+
+
+def extract_zip(
+    archive: str | os.PathLike | bytes,
+    dest: str | os.PathLike,
+    *,
+    limits: Limits = Limits(),
+    skipped: list[SkippedFile] | None = None,
+    _depth: int = 0,
+) -> Path:
+    """Extracts an archive safely into ``dest``.
+
+    Members with absolute or ``..`` paths, symlinks, encrypted members, junk (``__MACOSX``,
+    ``.DS_Store``, ``Thumbs.db``, hidden files) and members over the compression-ratio limit are
+    skipped and reported. Zips inside the zip are extracted into a folder of their name (one level).
+
+    Raises:
+        DataError: if the file is not a zip, is damaged, is fully encrypted, or is over the limits.
+    """
+    skipped = [] if skipped is None else skipped
+    dest = Path(dest)
+    name = "upload.zip" if isinstance(archive, bytes) else Path(archive).name
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive)
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{name} is not a valid zip archive ({exc}); re-create it with your system's 'Compress' command") from exc
+    except OSError as exc:
+        raise DataError(f"{name} cannot be read: {exc}") from exc
+    with zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        if len(infos) > limits.max_files:
+            raise DataError(f"{name} holds {len(infos):,} files, over the limit of {limits.max_files:,}; upload fewer images")
+        declared = sum(i.file_size for i in infos)
+        if declared > limits.max_total_bytes:
+            raise DataError(
+                f"{name} would extract to {declared / 1024**2:,.0f} MB, over the limit of "
+                f"{limits.max_total_bytes / 1024**2:,.0f} MB; upload a smaller archive"
+            )
+        written = 0
+        encrypted = 0
+        for info in infos:
+            path = _safe_member_path(info.filename)
+            if path is None:
+                skipped.append(SkippedFile(info.filename, "unsafe_path", "the archive path points outside the archive"))
+                continue
+            if any(_is_junk(part) for part in path.parts):
+                continue
+            if _member_is_symlink(info):
+                skipped.append(SkippedFile(info.filename, "symlink", "links inside archives are not followed"))
+                continue
+            if info.flag_bits & 0x1:
+                encrypted += 1
+                skipped.append(SkippedFile(info.filename, "encrypted", "the file is password-protected"))
+                continue
+            if info.compress_size and info.file_size / info.compress_size > limits.max_ratio and info.file_size > 1024**2:
+                skipped.append(
+                    SkippedFile(info.filename, "zip_bomb", f"compressed {info.file_size / info.compress_size:,.0f}:1, over the limit")
+                )
+                continue
+            target = dest / path
+            if not target.resolve().is_relative_to(dest.resolve()):
+                skipped.append(SkippedFile(info.filename, "unsafe_path", "the archive path points outside the archive"))
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1024 * 1024):
+                        written += len(chunk)
+                        if written > limits.max_total_bytes:
+                            raise DataError(f"{name} extracts to more than the limit of {limits.max_total_bytes / 1024**2:,.0f} MB")
+                        out.write(chunk)
+            except DataError:
+                raise
+            except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as exc:
+                target.unlink(missing_ok=True)
+                skipped.append(SkippedFile(info.filename, "damaged", f"the archive member is damaged ({exc})"))
+                continue
+            if target.suffix.lower() == ".zip":
+                if _depth >= 1:
+                    skipped.append(SkippedFile(info.filename, "nested_zip", "zips are opened one level deep only"))
+                else:
+                    inner = target.with_suffix("")
+                    inner_skipped: list[SkippedFile] = []
+                    try:
+                        extract_zip(target, inner, limits=limits, skipped=inner_skipped, _depth=_depth + 1)
+                    except DataError as exc:
+                        skipped.append(SkippedFile(info.filename, "bad_zip", str(exc)))
+                    skipped += [SkippedFile(f"{info.filename}/{s.path}", s.reason, s.detail) for s in inner_skipped]
+                    target.unlink()
+        if infos and encrypted == len(infos):
+            raise DataError(f"{name} is password-protected; re-create the zip without a password")
+    return dest
+
+
+def zlib_error() -> type[Exception]:
+    import zlib
+
+    return zlib.error
+
+
+# --------------------------------------------------------------------------------------------------
+# Scanning
+
+
+def _hash_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def _probe(candidate: _Candidate, limits: Limits) -> tuple[_Candidate, str | None, tuple[int, int, str] | None, ImageDecodeError | None]:
+    path = candidate.path
+    try:
+        digest = _hash_file(path)
+    except OSError as exc:
+        return candidate, None, None, ImageDecodeError("unreadable", f"cannot read the file ({exc})")
+    try:
+        with Image.open(path) as im:
+            fmt = (im.format or "?").upper()
+        # A full decode at a tiny JPEG draft scale finds truncated files for the price of a header read.
+        rgb = load_image(path, draft_size=32, max_pixels=limits.max_pixels)
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):
+                w, h = h, w
+        del rgb
+    except ImageDecodeError as exc:
+        return candidate, digest, None, exc
+    except Exception as exc:  # noqa: BLE001 - Image.open's own failures: classify through load_image
+        try:
+            load_image(path, max_pixels=limits.max_pixels)
+        except ImageDecodeError as err:
+            return candidate, digest, None, err
+        return candidate, digest, None, ImageDecodeError("unreadable", str(exc)[:120])
+    return candidate, digest, (w, h, fmt), None
+
+
+def _scan(
+    root: Path,
+    candidates: list[_Candidate],
+    *,
+    source: str,
+    source_kind: str,
+    layout: str,
+    skipped: list[SkippedFile],
+    notes: list[str],
+    limits: Limits,
+    progress: Callable[[int, int], None] | None = None,
+) -> ImageSet:
+    if len(candidates) > limits.max_files:
+        raise DataError(f"{source} holds {len(candidates):,} files, over the limit of {limits.max_files:,}")
+    images = []
+    for c in candidates:
+        if _is_image_name(c.path.name):
+            images.append(c)
+        elif c.path.suffix.lower() in (".heic", ".heif"):
+            skipped.append(SkippedFile(_rel(c.path, root), "unsupported", "HEIC photos need the pillow-heif package"))
+        else:
+            images.append(c)  # unknown extension: Pillow decides, so a PNG saved as .dat is still used
+    samples: list[Sample] = []
+    workers = min(8, (os.cpu_count() or 2) * 2)
+    with ThreadPoolExecutor(workers) as pool:
+        for i, (c, digest, meta, err) in enumerate(pool.map(lambda c: _probe(c, limits), images), 1):
+            if progress:
+                progress(i, len(images))
+            rel = _rel(c.path, root)
+            if err is not None:
+                if err.reason == "not_image" and not _is_image_name(c.path.name):
+                    err = ImageDecodeError("not_image", f"not an image ({c.path.suffix or 'no extension'})")
+                skipped.append(SkippedFile(rel, err.reason, str(err)))
+                continue
+            assert digest is not None and meta is not None
+            samples.append(Sample(str(c.path), c.label, c.split, digest, meta[0], meta[1], rel))
+            c.format = meta[2]  # type: ignore[attr-defined]
+    formats = Counter(getattr(c, "format", None) for c in images if hasattr(c, "format"))
+    samples.sort(key=lambda s: (s.label, s.split or "", s.relpath))
+    classes = sorted({s.label for s in samples})
+    counts = {c: 0 for c in classes}
+    split_counts: dict[str, dict[str, int]] = defaultdict(lambda: {c: 0 for c in classes})
+    for s in samples:
+        counts[s.label] += 1
+        if s.split:
+            split_counts[s.split][s.label] += 1
+    widths = np.array([s.width for s in samples] or [0])
+    heights = np.array([s.height for s in samples] or [0])
+    sizes = {
+        "min_width": int(widths.min()),
+        "median_width": float(np.median(widths)),
+        "max_width": int(widths.max()),
+        "min_height": int(heights.min()),
+        "median_height": float(np.median(heights)),
+        "max_height": int(heights.max()),
+        "small_images": int(((widths < 64) | (heights < 64)).sum()) if samples else 0,
+    }
+    report = DataReport(
+        source=source,
+        source_kind=source_kind,
+        layout=layout,
+        classes=classes,
+        counts=counts,
+        split_counts={k: dict(v) for k, v in sorted(split_counts.items())},
+        sizes=sizes,
+        formats={k: v for k, v in formats.items() if k},
+        skipped=skipped,
+        duplicates=_find_duplicates(samples),
+        notes=notes,
+    )
+    if len(classes) < 2:
+        found = f"only the class '{classes[0]}'" if classes else "no usable images"
+        why = ""
+        if skipped:
+            reasons = ", ".join(f"{n} {r}" for r, n in report.skipped_by_reason().items())
+            why = f" ({len(skipped)} files skipped: {reasons})"
+        raise DataError(
+            f"{source}: found {found}{why}. A classifier needs at least two classes: put each class's images "
+            "in its own sub-folder (e.g. cats/ and dogs/), or give a CSV with filename,label columns."
+        )
+    return ImageSet(root=root, samples=samples, classes=classes, report=report)
+
+
+def _find_duplicates(samples: list[Sample]) -> list[DuplicateGroup]:
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[s.digest].append(s)
+    out = []
+    for digest, members in groups.items():
+        if len(members) < 2:
+            continue
+        labels = {m.label for m in members}
+        splits = {m.split for m in members}
+        if len(labels) > 1:
+            kind = "cross_class"
+        elif len(splits) > 1:
+            kind = "cross_split"
+        else:
+            kind = "within_class"
+        out.append(DuplicateGroup(kind, digest, tuple((m.relpath, m.label, m.split) for m in members)))
+    return sorted(out, key=lambda d: (d.kind, d.files))
+
+
+def load_dataset(
+    source: str | os.PathLike,
+    *,
+    work_dir: str | os.PathLike | None = None,
+    limits: Limits = Limits(),
+    progress: Callable[[int, int], None] | None = None,
+) -> ImageSet:
+    """Finds, checks and describes the images of ``source``.
+
+    Args:
+        source: A folder, a ``.zip`` archive, or a ``.csv`` file of ``filename,label`` rows whose paths
+            are relative to the CSV's folder.
+        work_dir: Where zips are extracted (default: a folder under the system temp dir, keyed by the
+            archive's content so re-loading the same zip reuses it).
+        limits: What is accepted.
+        progress: Called with ``(done, total)`` while images are checked.
+
+    Raises:
+        DataError: the input cannot be used at all; the message says why and what to do.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{path} does not exist; give a folder of class sub-folders, a .zip or a .csv")
+    skipped: list[SkippedFile] = []
+    notes: list[str] = []
+    if path.is_file() and (path.suffix.lower() == ".zip" or zipfile.is_zipfile(path)):
+        if not zipfile.is_zipfile(path):
+            raise DataError(
+                f"{path.name} is not a zip archive (its content is something else); "
+                "re-create it with your system's 'Compress' command"
+            )
+        digest = _hash_file(path)
+        base = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "transfer-studio-zips"
+        dest = base / f"{_slug(path.stem)}-{digest[:12]}"
+        if not (dest / ".complete").exists():
+            # Extract beside the destination, then rename: an interrupted extraction is never reused.
+            shutil.rmtree(dest, ignore_errors=True)
+            base.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=base, prefix=".extract-"))
+            try:
+                extract_zip(path, tmp / "data", limits=limits, skipped=skipped)
+                (tmp / "data").mkdir(exist_ok=True)
+                (tmp / "data" / ".skipped.tsv").write_text(
+                    "".join(f"{s.path}\t{s.reason}\t{s.detail}\n" for s in skipped), encoding="utf-8"
+                )
+                (tmp / "data" / ".complete").touch()
+                try:
+                    os.replace(tmp / "data", dest)
+                except OSError:  # another session extracted the same archive meanwhile
+                    pass
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            skipped += _read_skipped(dest / ".skipped.tsv")
+        root = _unwrap(dest)
+        csvs = [p for p in root.iterdir() if p.suffix.lower() == ".csv" and p.is_file()]
+        if csvs and not _subdirs(root):
+            return _scan(root, _csv_candidates(csvs[0], root, skipped, notes), source=path.name, source_kind="zip",
+                         layout="csv", skipped=skipped, notes=notes, limits=limits, progress=progress)
+        candidates, layout = _folder_candidates(root, skipped)
+        return _scan(root, candidates, source=path.name, source_kind="zip", layout=layout,
+                     skipped=skipped, notes=notes, limits=limits, progress=progress)
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        root = path.parent
+        return _scan(root, _csv_candidates(path, root, skipped, notes), source=path.name, source_kind="csv",
+                     layout="csv", skipped=skipped, notes=notes, limits=limits, progress=progress)
+    if path.is_file():
+        raise DataError(f"{path.name} is a single file; give a folder of class sub-folders, a .zip or a .csv")
+    root = _unwrap(path)
+    candidates, layout = _folder_candidates(root, skipped)
+    return _scan(root, candidates, source=path.name, source_kind="folder", layout=layout,
+                 skipped=skipped, notes=notes, limits=limits, progress=progress)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:40] or "data"
+
+
+def _read_skipped(path: Path) -> list[SkippedFile]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t", 2)
+        if len(parts) == 3:
+            out.append(SkippedFile(*parts))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclass
+class Splits:
+    """Train, validation and (optional) test samples."""
+
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] = field(default_factory=list)
+    source: str = "random"
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def _stratified(samples: Sequence[Sample], fractions: Sequence[float], seed: int) -> list[list[Sample]]:
+    """Splits each class by ``fractions`` (of the parts after the first); the first part gets the rest."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[Sample]] = [[] for _ in range(len(fractions) + 1)]
+    by_class: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_class[s.label].append(s)
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda s: s.relpath)
+        order = rng.permutation(len(members))
+        members = [members[i] for i in order]
+        start = 0
+        for k, frac in enumerate(fractions, 1):
+            n = int(round(len(members) * frac))
+            # Every class keeps at least one training image, and gets one validation image if it has two.
+            n = min(max(n, 1 if len(members) >= 2 and frac > 0 else 0), len(members) - start - 1)
+            n = max(n, 0)
+            parts[k] += members[start : start + n]
+            start += n
+        parts[0] += members[start:]
+    return parts
+
+
+def split_dataset(
+    data: ImageSet, *, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0, honour_splits: bool = True
+) -> Splits:
+    """Train/val(/test) samples: the source's own split folders when it has them, else stratified and seeded.
+
+    Raises:
+        ValueError: for fractions that leave no training data.
+    """
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 0.9:
+        raise ValueError("val_fraction must be in (0, 1), test_fraction in [0, 1), and together below 0.9")
+    if honour_splits and data.has_splits:
+        given = defaultdict(list)
+        for s in data.samples:
+            given[s.split or "train"].append(s)
+        train, val, test = given["train"], given["val"], given["test"]
+        if train and val:
+            return Splits(train, val, test, source="folders")
+        if train and test and not val:
+            train, val = _stratified(train, [val_fraction], seed)
+            return Splits(train, val, test, source="folders+random")
+        pool = train or val or test
+        parts = _stratified(pool, [val_fraction, test_fraction] if test_fraction else [val_fraction], seed)
+        return Splits(parts[0], parts[1], parts[2] if test_fraction else [], source="random")
+    parts = _stratified(data.samples, [val_fraction, test_fraction] if test_fraction else [val_fraction], seed)
+    return Splits(parts[0], parts[1], parts[2] if test_fraction else [], source="random")
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoded-image cache and torch datasets
+
+
+def default_cache_dir() -> Path:
+    """``$TRANSFER_STUDIO_CACHE`` or ``~/.cache/transfer-studio``."""
+    return Path(os.environ.get("TRANSFER_STUDIO_CACHE", Path.home() / ".cache" / "transfer-studio"))
+
+
+class CacheError(OSError):
+    """The cache cannot be written (a full disk, say); the message says what to do."""
+
+
+class ImageCache:
+    """Decoded, shorter-side-resized images as uint8 arrays, on disk and in a bounded memory LRU.
+
+    Keys are content hashes plus the resize settings, so the cache is shared safely between datasets,
+    runs and processes: equal keys always mean equal arrays. Writes are atomic (temp file + rename), a
+    corrupt entry is detected on read and recomputed.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, *, memory_bytes: int = 512 * 1024**2):
+        self.directory = Path(directory) if directory else default_cache_dir() / "images"
+        self.memory_bytes = memory_bytes
+        self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._mem_used = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def _key(self, sample: Sample, pre: Preprocessing) -> str:
+        return f"{sample.digest}-{pre.resize_size}-{pre.interpolation}"
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.npy"
+
+    def get(self, sample: Sample, pre: Preprocessing) -> np.ndarray:
+        key = self._key(sample, pre)
+        with self._lock:
+            arr = self._mem.get(key)
+            if arr is not None:
+                self._mem.move_to_end(key)
+                self.hits += 1
+                return arr
+        path = self._path(key)
+        arr = None
+        if path.is_file():
+            try:
+                arr = np.load(path, allow_pickle=False)
+                if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) != pre.resize_size:
+                    raise ValueError(f"unexpected array {arr.dtype} {arr.shape}")
+                self.hits += 1
+            except Exception as exc:  # noqa: BLE001 - any damage means: recompute
+                logger.warning("corrupt image-cache entry %s (%s); recomputing", path.name, exc)
+                arr = None
+        if arr is None:
+            self.misses += 1
+            arr = resized_array(sample.path, pre)
+            self._write(path, arr)
+        self._remember(key, arr)
+        return arr
+
+    def _write(self, path: Path, arr: np.ndarray) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+            os.replace(tmp, path)
+        except OSError as exc:
+            Path(locals().get("tmp", path.with_suffix(".tmp"))).unlink(missing_ok=True)
+            if exc.errno == 28:  # ENOSPC
+                raise CacheError(
+                    exc.errno, f"the disk holding the cache ({self.directory}) is full; free space or set "
+                    "TRANSFER_STUDIO_CACHE to a folder on another disk"
+                ) from exc
+            logger.warning("cannot write image cache %s: %s", path, exc)
+
+    def _remember(self, key: str, arr: np.ndarray) -> None:
+        with self._lock:
+            if key in self._mem:
+                return
+            self._mem[key] = arr
+            self._mem_used += arr.nbytes
+            while self._mem_used > self.memory_bytes and self._mem:
+                _, old = self._mem.popitem(last=False)
+                self._mem_used -= old.nbytes
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """``(input, target)`` pairs of samples, read through an :class:`ImageCache`.
+
+    Args:
+        samples: The samples.
+        class_to_idx: Class name to index.
+        pre: Evaluation preprocessing (resize, crop, normalise).
+        cache: Decoded-image cache.
+        augment: Optional train-time transform of a uint8 CHW tensor (the resized image) to a uint8
+            CHW tensor of ``pre.input_size``; without it the centre crop is used.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        class_to_idx: dict[str, int],
+        pre: Preprocessing,
+        cache: ImageCache,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.samples = list(samples)
+        self.class_to_idx = class_to_idx
+        self.pre = pre
+        self.cache = cache
+        self.augment = augment
+        self._mean = torch.tensor(pre.mean).view(3, 1, 1)
+        self._std = torch.tensor(pre.std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        s = self.samples[i]
+        arr = self.cache.get(s, self.pre)
+        if self.augment is None:
+            x = to_input(center_crop(arr, self.pre.input_size), self.pre)
+        else:
+            img = self.augment(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
+            x = (img.float().div_(255.0) - self._mean) / self._std
+        return x, self.class_to_idx[s.label]
+
+
+def train_augmentation(pre: Preprocessing, strength: str = "light") -> Callable[[torch.Tensor], torch.Tensor]:
+    """Random resized crop and horizontal flip (plus colour jitter for ``strong``), on uint8 tensors."""
+    from torchvision.transforms import v2
+
+    scale = {"light": (0.6, 1.0), "strong": (0.35, 1.0)}[strength]
+    ops = [v2.RandomResizedCrop(pre.input_size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+    if strength == "strong":
+        ops.append(v2.ColorJitter(0.3, 0.3, 0.3, 0.05))
+    return v2.Compose(ops)
+
+
+def iter_batches(
+    dataset: torch.utils.data.Dataset, batch_size: int, *, order: Sequence[int] | None = None, threads: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Batches of ``dataset`` in ``order``, loaded by a thread pool one batch ahead of the consumer.
+
+    Threads rather than worker processes: decoding (Pillow) and resizing release the GIL, the app runs
+    training in a thread where forking is unsafe, and small datasets do not pay a process start-up.
+    """
+    order = list(range(len(dataset))) if order is None else list(order)
+    chunks = iter([order[i : i + batch_size] for i in range(0, len(order), batch_size)])
+    threads = threads or max(1, min(4, (os.cpu_count() or 2)))
+    pool = ThreadPoolExecutor(threads)
+    pending: deque = deque()
+
+    def submit() -> None:
+        chunk = next(chunks, None)
+        if chunk is not None:
+            pending.append((chunk, [pool.submit(dataset.__getitem__, i) for i in chunk]))
+
+    try:
+        submit()
+        submit()
+        while pending:
+            chunk, futures = pending.popleft()
+            items = [f.result() for f in futures]
+            submit()
+            yield torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]), chunk
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

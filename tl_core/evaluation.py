@@ -1,0 +1,167 @@
+"""Evaluation as data: predictions, metrics, confusion matrices, mistakes. No plotting here.
+
+Figures are built from an :class:`Evaluation` by the UI (``ui/figures.py``), in the spirit of fastai's
+``ClassificationInterpretation``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """Predictions on one split and everything derived from them.
+
+    Attributes:
+        class_names: Class names; index ``i`` is class ``i``.
+        y_true: True class index per image.
+        probs: Predicted probabilities, shape ``(n, num_classes)``.
+        paths: File path per image (for galleries).
+        split: Which split this is (``val`` or ``test``).
+    """
+
+    class_names: list[str]
+    y_true: np.ndarray
+    probs: np.ndarray
+    paths: list[str]
+    split: str = "val"
+
+    def __post_init__(self) -> None:
+        self.y_true = np.asarray(self.y_true, dtype=np.int64)
+        self.probs = np.asarray(self.probs, dtype=np.float64)
+        if self.probs.ndim != 2 or self.probs.shape != (len(self.y_true), len(self.class_names)):
+            raise ValueError(f"probs must be (n, {len(self.class_names)}), got {self.probs.shape}")
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.probs.argmax(1) if len(self.probs) else np.zeros(0, dtype=np.int64)
+
+    @property
+    def labels(self) -> list[int]:
+        return list(range(len(self.class_names)))
+
+    @property
+    def losses(self) -> np.ndarray:
+        """Cross-entropy of each image under its true class."""
+        p = self.probs[np.arange(len(self.y_true)), self.y_true]
+        return -np.log(np.clip(p, 1e-12, 1.0))
+
+    def metrics(self) -> dict[str, float]:
+        """Accuracy, balanced accuracy, macro-F1 and mean loss."""
+        if not len(self.y_true):
+            return {"accuracy": float("nan"), "balanced_accuracy": float("nan"), "macro_f1": float("nan"), "loss": float("nan"), "n": 0}
+        yt, yp = self.y_true, self.y_pred
+        present = sorted(set(yt.tolist()))
+        return {
+            "accuracy": float(accuracy_score(yt, yp)),
+            # Balanced accuracy over the classes present in this split (sklearn warns otherwise).
+            "balanced_accuracy": float(balanced_accuracy_score(yt, yp)) if len(present) > 1 else float(accuracy_score(yt, yp)),
+            "macro_f1": float(f1_score(yt, yp, labels=self.labels, average="macro", zero_division=0)),
+            "loss": float(self.losses.mean()),
+            "n": int(len(yt)),
+        }
+
+    def per_class(self) -> pd.DataFrame:
+        """Precision, recall, F1 and support per class."""
+        p, r, f, s = precision_recall_fscore_support(self.y_true, self.y_pred, labels=self.labels, zero_division=0)
+        return pd.DataFrame({"class": self.class_names, "precision": p, "recall": r, "f1": f, "support": s.astype(int)})
+
+    def confusion(self, normalize: bool = False) -> np.ndarray:
+        """Rows are true classes, columns predicted; ``normalize`` divides each row by its total."""
+        cm = confusion_matrix(self.y_true, self.y_pred, labels=self.labels)
+        if not normalize:
+            return cm
+        totals = cm.sum(1, keepdims=True)
+        return np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
+
+    def most_confused(self, min_count: int = 1) -> pd.DataFrame:
+        """Pairs (true, predicted) of different classes, most frequent first."""
+        cm = self.confusion()
+        rows = [
+            {"true": self.class_names[i], "predicted": self.class_names[j], "count": int(cm[i, j])}
+            for i in range(len(cm))
+            for j in range(len(cm))
+            if i != j and cm[i, j] >= min_count
+        ]
+        return pd.DataFrame(rows, columns=["true", "predicted", "count"]).sort_values("count", ascending=False, ignore_index=True)
+
+    def table(self) -> pd.DataFrame:
+        """One row per image: path, true and predicted class, confidence, loss, and whether it is right."""
+        yp = self.y_pred
+        return pd.DataFrame(
+            {
+                "path": self.paths,
+                "true": [self.class_names[i] for i in self.y_true],
+                "predicted": [self.class_names[i] for i in yp],
+                "confidence": self.probs.max(1) if len(self.probs) else [],
+                "p_true": self.probs[np.arange(len(self.y_true)), self.y_true] if len(self.probs) else [],
+                "loss": self.losses,
+                "correct": yp == self.y_true,
+            }
+        )
+
+    def top_losses(self, k: int = 12, mistakes_only: bool = False) -> pd.DataFrame:
+        """The ``k`` images the model got most wrong (highest loss)."""
+        t = self.table()
+        if mistakes_only:
+            t = t[~t["correct"]]
+        return t.sort_values("loss", ascending=False).head(k).reset_index(drop=True)
+
+    def cell(self, true: str, predicted: str) -> pd.DataFrame:
+        """The images of one confusion-matrix cell."""
+        t = self.table()
+        return t[(t["true"] == true) & (t["predicted"] == predicted)].reset_index(drop=True)
+
+    def to_dict(self) -> dict:
+        return {
+            "split": self.split,
+            "class_names": self.class_names,
+            "metrics": self.metrics(),
+            "confusion": self.confusion().tolist(),
+            "per_class": self.per_class().to_dict(orient="records"),
+        }
+
+
+@torch.inference_mode()
+def predict_probs(model: torch.nn.Module, batches, device: torch.device | str = "cpu") -> np.ndarray:
+    """Softmax probabilities of ``model`` over ``(inputs, ...)`` batches, restoring its train mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [torch.softmax(model(x.to(device)).float(), 1).cpu() for x, *_ in batches]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    dataset,
+    class_names: Sequence[str],
+    *,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    split: str = "val",
+) -> Evaluation:
+    """Runs ``model`` on an :class:`~tl_core.data.ImageDataset` and evaluates it."""
+    from .data import iter_batches
+
+    probs = predict_probs(model, iter_batches(dataset, batch_size), device)
+    y = np.array([dataset.class_to_idx[s.label] for s in dataset.samples])
+    return Evaluation(list(class_names), y, probs.reshape(len(y), len(class_names)), [s.path for s in dataset.samples], split)

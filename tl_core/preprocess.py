@@ -1,0 +1,205 @@
+"""Decoding and evaluation preprocessing, shared by training, prediction and exported bundles.
+
+One function decodes any supported file into an RGB image; one turns it into the network's input.
+The exported ``predict.py`` re-implements exactly these steps with Pillow and numpy, so they are
+kept deliberately plain: Pillow decode (JPEG draft mode), EXIF orientation, RGB conversion, Pillow
+resize of the shorter side, centre crop, scale to [0, 1], normalise.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+try:  # HEIC/HEIF from phones, when pillow-heif is installed.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:  # pragma: no cover - optional dependency
+    HEIF_SUPPORTED = False
+
+# Refuse decompression bombs outright instead of Pillow's warning-then-error two-step.
+DEFAULT_MAX_PIXELS = 64_000_000
+_INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class ImageDecodeError(ValueError):
+    """A file is not an image this studio can use; ``reason`` is a short machine-friendly tag."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Evaluation preprocessing of one backbone (see :meth:`BackboneSpec.preprocessing`)."""
+
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(
+            input_size=int(d["input_size"]),
+            resize_size=int(d["resize_size"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+    @classmethod
+    def from_spec(cls, spec) -> Preprocessing:
+        return cls.from_dict(spec.preprocessing())
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize": "shorter_side",
+            "crop": "center",
+        }
+
+
+def load_image(
+    source: str | os.PathLike | bytes | BinaryIO,
+    *,
+    draft_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decodes an image file into an 8-bit RGB image.
+
+    EXIF orientation is applied; grey, palette, RGBA (composited on white), CMYK and 16-bit images are
+    converted; animated files give their first frame.
+
+    Args:
+        source: A path, the file's bytes, or a binary file object.
+        draft_size: When set, JPEG files decode at the smallest DCT scale whose shorter side is still at
+            least this size (much faster for large photos).
+        max_pixels: Larger declared images are refused, before their pixels are decoded.
+
+    Raises:
+        ImageDecodeError: with ``reason`` one of ``empty``, ``not_image``, ``too_large``, ``truncated``,
+            ``unreadable``.
+    """
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageDecodeError("empty", "the file is empty (0 bytes)")
+        fp: BinaryIO | str | os.PathLike = io.BytesIO(source)
+    else:
+        fp = source
+        if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
+            raise ImageDecodeError("empty", "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(
+                    "too_large", f"the image declares {w}x{h} pixels, over the limit of {max_pixels:,}"
+                )
+            if draft_size and im.format == "JPEG":
+                # draft() keeps both sides >= the request, so ask for the shorter side on both axes.
+                scale = max(1, min(w, h) // draft_size)
+                im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+            im.seek(0)
+            im.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError("too_large", f"the image is too large to decode safely ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError("not_image", "not an image file (or a format this studio cannot read)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() else "unreadable"
+        raise ImageDecodeError(reason, f"the image cannot be decoded ({str(exc)[:120]})") from exc
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """EXIF-transposed 8-bit RGB version of ``im``."""
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        logger.debug("ignoring unreadable EXIF data")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        im = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def resize_shorter(im: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
+    """Resizes so the shorter side is ``size`` (as torchvision's ``Resize(int)`` computes it)."""
+    w, h = im.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) == (w, h):
+        return im
+    return im.resize((new_w, new_h), _INTERPOLATION[interpolation])
+
+
+def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop of an HxWxC array, padding with zeros when it is smaller (as torchvision does)."""
+    h, w = arr.shape[:2]
+    if h < size or w < size:
+        pad_h, pad_w = max(size - h, 0), max(size - w, 0)
+        arr = np.pad(arr, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+        h, w = arr.shape[:2]
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return arr[top : top + size, left : left + size]
+
+
+def to_input(arr: np.ndarray, pre: Preprocessing) -> torch.Tensor:
+    """Normalised CHW float tensor from an HxWx3 uint8 array already centre-cropped."""
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def resized_array(source, pre: Preprocessing, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode + shorter-side resize, as uint8 HxWx3: the cached form of an image."""
+    im = load_image(source, draft_size=pre.resize_size, max_pixels=max_pixels)
+    return np.asarray(resize_shorter(im, pre.resize_size, pre.interpolation))
+
+
+def preprocess(source, pre: Preprocessing) -> torch.Tensor:
+    """The network input (3xSxS) for one image: the same steps as the bundle's ``predict.py``."""
+    if isinstance(source, Image.Image):
+        arr = np.asarray(resize_shorter(to_rgb(source), pre.resize_size, pre.interpolation))
+    else:
+        arr = resized_array(source, pre)
+    return to_input(center_crop(arr, pre.input_size), pre)
+
