@@ -83,6 +83,8 @@ class TrainConfig:
         val_fraction: Validation share when the data has no split folders.
         test_fraction: Test share when the data has no split folders.
         seed: Seed of the split, the initialisation and the batch order.
+        max_seconds: Wall-clock budget of the whole fit, feature extraction included (``None``: no
+            limit); when it runs out the run ends like a stop request, keeping the best epoch.
         device: ``auto`` (CUDA, then MPS, then CPU), or a torch device string.
     """
 
@@ -106,6 +108,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     seed: int = 0
+    max_seconds: float | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -186,13 +189,19 @@ class TrainState:
     messages: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
+    deadline: float | None = None
+
     def request_stop(self) -> None:
         """Asks the loop to stop after the current batch; safe from any thread."""
         self._stop.set()
 
     @property
     def stop_requested(self) -> bool:
-        return self._stop.is_set()
+        return self._stop.is_set() or self.out_of_time
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
 
     @property
     def elapsed(self) -> float:
@@ -249,7 +258,7 @@ class FitResult:
         history: One dict per epoch.
         evaluation: Predictions on the validation split by the restored model.
         test_evaluation: The same on the test split, when there is one.
-        status: ``completed``, ``early_stopped``, ``stopped`` (by request) or ``diverged``.
+        status: ``completed``, ``early_stopped``, ``stopped`` (by request), ``time_budget`` or ``diverged``.
         message: A sentence on how it ended, for people.
         best_epoch: The epoch restored.
         wall_seconds: Time of the whole fit.
@@ -636,6 +645,8 @@ def fit(
     t_start = time.perf_counter()
     state = state or TrainState(config=cfg)
     state.config = cfg
+    if cfg.max_seconds is not None:
+        state.deadline = time.time() + cfg.max_seconds
     events = _Events(callbacks, state)
     device = pick_device(cfg.device)
     state.device = str(device)
@@ -673,6 +684,7 @@ def fit(
     # On the fast path only the head changes, so only the head is snapshotted (VGG's backbone is 500 MB).
     tracked: nn.Module = model.head if cfg.cached_features else model
     best_state = copy.deepcopy(tracked.state_dict())
+    best_val_probs: np.ndarray | None = None
     state.epochs = cfg.epochs
     bs = cfg.batch_size
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
@@ -710,6 +722,39 @@ def fit(
         )
         state.phase = "train"
         events("phase_start")
+
+        def validate() -> tuple[float, np.ndarray]:
+            if cfg.cached_features:
+                head.eval()
+                with torch.inference_mode():
+                    logits = head(f_val_t).float()
+                return eval_loss_fn(logits, y_val_t).item(), torch.softmax(logits, 1).cpu().numpy()
+            probs = predict_probs(model, iter_batches(val_ds, bs * 2), device)
+            return float(-np.log(np.clip(probs[np.arange(len(y_val)), y_val], 1e-12, 1)).mean()), probs
+
+        def record(epoch: int, train_loss: float, ips: float, t0: float, partial: bool = False) -> bool:
+            """Validates, appends the epoch to the history, keeps the best; True when it improved."""
+            nonlocal best_state, best_val_probs
+            val_loss, val_probs = validate()
+            state.history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_accuracy": float((val_probs.argmax(1) == y_val).mean()),
+                    "seconds": time.perf_counter() - t0,
+                    "images_per_sec": ips,
+                    "lr": opt.param_groups[0]["lr"],
+                    "partial": partial,
+                }
+            )
+            improved = val_loss < state.best_val_loss - 1e-6
+            if improved:
+                state.best_val_loss, state.best_epoch = val_loss, epoch
+                best_state = copy.deepcopy(tracked.state_dict())
+                best_val_probs = val_probs
+            return improved
+
         stale = 0
         epoch = 0
         while epoch < cfg.epochs:
@@ -725,17 +770,16 @@ def fit(
                     train_loss, ips = _head_epoch(
                         head, feats, y_train_t, torch.from_numpy(order), bs, opt, sched, loss_fn, state, events, cfg.lr, device
                     )
-                    head.eval()
-                    with torch.inference_mode():
-                        logits = head(f_val_t).float()
-                    val_loss = eval_loss_fn(logits, y_val_t).item()
-                    val_probs = torch.softmax(logits, 1).cpu().numpy()
                 else:
                     train_loss, ips = _model_epoch(
                         model, train_ds, order.tolist(), bs, opt, sched, loss_fn, state, events, cfg.lr, device, scaler
                     )
-                    val_probs = predict_probs(model, iter_batches(val_ds, bs * 2), device)
-                    val_loss = float(-np.log(np.clip(val_probs[np.arange(len(y_val)), y_val], 1e-12, 1)).mean())
+            except _StopRequested:
+                # A stop (or the time budget) mid-epoch still counts what was learnt so far when that
+                # beats the best complete epoch: with one long epoch it is all there is.
+                if state.batch > 0 and state.phase == "train":
+                    record(epoch, state.loss, state.images_per_sec, t0, partial=True)
+                raise
             except RuntimeError as exc:
                 if _is_oom(exc) and device.type == "cuda" and bs > 1:
                     torch.cuda.empty_cache()
@@ -744,22 +788,7 @@ def fit(
                     epoch -= 1
                     continue
                 raise
-            val_acc = float((val_probs.argmax(1) == y_val).mean())
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "seconds": time.perf_counter() - t0,
-                "images_per_sec": ips,
-                "lr": opt.param_groups[0]["lr"],
-            }
-            state.history.append(row)
-            if val_loss < state.best_val_loss - 1e-6:
-                state.best_val_loss, state.best_epoch, stale = val_loss, epoch, 0
-                best_state = copy.deepcopy(tracked.state_dict())
-            else:
-                stale += 1
+            stale = 0 if record(epoch, train_loss, ips, t0) else stale + 1
             elapsed_train = sum(r["seconds"] for r in state.history)
             state.eta_seconds = elapsed_train / epoch * (cfg.epochs - epoch)
             events("epoch_end")
@@ -768,8 +797,12 @@ def fit(
                 message = f"Stopped early at epoch {epoch}: validation loss did not improve for {cfg.patience} epochs."
                 break
     except _StopRequested:
-        status = "stopped"
-        message = "Stopped on request; the best model so far is kept."
+        if state.out_of_time and not state._stop.is_set():
+            status = "time_budget"
+            message = f"Reached the time budget of {cfg.max_seconds:g} s; the best epoch so far is kept."
+        else:
+            status = "stopped"
+            message = "Stopped on request; the best model so far is kept."
     except _Diverged as exc:
         status = "diverged"
         message = str(exc)
@@ -784,7 +817,8 @@ def fit(
     if not message:
         message = f"Finished {len(state.history)} epochs; restored the best epoch ({state.best_epoch})."
     state.phase = "evaluate"
-    evaluation, test_eval = _final_evaluations(model, data, splits, pre, image_cache, cfg, device, classes, f_eval if cfg.cached_features else None)
+    evaluation = Evaluation(list(classes), y_val, best_val_probs, [s.path for s in splits.val], "val")
+    test_eval = _test_evaluation(model, data, splits, pre, image_cache, cfg, device, f_eval if cfg.cached_features else None)
     state.phase = "done"
     result = FitResult(
         model=model,
@@ -807,22 +841,17 @@ def fit(
     return result
 
 
-def _final_evaluations(model, data, splits, pre, image_cache, cfg, device, classes, f_eval):
-    parts = []
-    for split_name, samples in (("val", splits.val), ("test", splits.test)):
-        if not samples:
-            parts.append(None)
-            continue
-        y = data.targets(samples)
-        if f_eval is not None:
-            offset = 0 if split_name == "val" else len(splits.val)
-            feats = torch.from_numpy(f_eval[offset : offset + len(samples), 0])
-            with torch.inference_mode():
-                probs = torch.softmax(model.head.eval()(feats), 1).numpy()
-        else:
-            ds = ImageDataset(samples, data.class_to_idx, pre, image_cache)
-            model.to(device)
-            probs = predict_probs(model, iter_batches(ds, cfg.batch_size * 2), device)
-            model.cpu()
-        parts.append(Evaluation(list(classes), y, probs, [s.path for s in samples], split_name))
-    return parts[0], parts[1]
+def _test_evaluation(model, data, splits, pre, image_cache, cfg, device, f_eval) -> Evaluation | None:
+    """Predictions of the restored model on the test split (the val ones are kept from its epoch)."""
+    if not splits.test:
+        return None
+    if f_eval is not None:
+        feats = torch.from_numpy(f_eval[len(splits.val) :, 0])
+        with torch.inference_mode():
+            probs = torch.softmax(model.head.eval()(feats), 1).numpy()
+    else:
+        ds = ImageDataset(splits.test, data.class_to_idx, pre, image_cache)
+        model.to(device)
+        probs = predict_probs(model, iter_batches(ds, cfg.batch_size * 2), device)
+        model.cpu()
+    return Evaluation(list(data.classes), data.targets(splits.test), probs, [s.path for s in splits.test], "test")
