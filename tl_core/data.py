@@ -832,12 +832,18 @@ class CacheError(OSError):
 class ImageCache:
     """Decoded, shorter-side-resized images as uint8 arrays, on disk and in a bounded memory LRU.
 
+    With ``persist=False`` new entries stay in memory only (existing disk entries are still read): the
+    frozen path caches features instead, so writing every decoded image too would only cost time.
+
     Keys are content hashes plus the resize settings, so the cache is shared safely between datasets,
     runs and processes: equal keys always mean equal arrays. Writes are atomic (temp file + rename), a
     corrupt entry is detected on read and recomputed.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, *, memory_bytes: int = 512 * 1024**2):
+    def __init__(
+        self, directory: str | os.PathLike | None = None, *, memory_bytes: int = 512 * 1024**2, persist: bool = True
+    ):
+        self.persist = persist
         self.directory = Path(directory) if directory else default_cache_dir() / "images"
         self.memory_bytes = memory_bytes
         self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -873,7 +879,8 @@ class ImageCache:
         if arr is None:
             self.misses += 1
             arr = resized_array(sample.path, pre)
-            self._write(path, arr)
+            if self.persist:
+                self._write(path, arr)
         self._remember(key, arr)
         return arr
 

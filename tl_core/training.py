@@ -494,11 +494,11 @@ def compute_features(
     state = events.state if events else None
     t0 = time.perf_counter()
     backbone = model.backbone.to(device).eval()
-    if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
-    else:
-        backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = backbone.to(memory_format=torch.channels_last)
     aug = train_augmentation(pre, config.augment) if config.augment != "none" else None
+    # Each image is decoded once here and its features cached; writing the decoded image as well would
+    # only slow this pass down, so new decodes stay in memory.
+    image_cache = ImageCache(image_cache.directory, memory_bytes=image_cache.memory_bytes, persist=False)
     by_view: dict[int, list[int]] = {}
     for v, i in todo:
         by_view.setdefault(v, []).append(i)
