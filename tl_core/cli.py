@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int)
     sp.add_argument("--lr", type=float)
     sp.add_argument("--hidden", type=int, default=0, help="hidden layer width of the head (0: none)")
-    sp.add_argument("--augment", default="none", choices=["none", "light", "strong"])
+    sp.add_argument("--augment", default="auto", choices=["auto", "none", "light", "strong"],
+                    help="auto: none on cached features (frozen), light when fine-tuning")
     sp.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
     sp.add_argument("--val-fraction", type=float, default=0.2)
     sp.add_argument("--seed", type=int, default=0)

@@ -78,7 +78,8 @@ class TrainConfig:
         patience: Early stopping after this many epochs without a better validation loss (0: off).
         balance: ``auto`` (class weights when the largest class is 1.5x the smallest), ``weights``,
             ``sampler`` (balanced sampling) or ``none``.
-        augment: ``none``, ``light`` (random crop + flip) or ``strong`` (also colour jitter).
+        augment: ``auto`` (``none`` on cached features, ``light`` when fine-tuning), ``none``, ``light``
+            (random crop + flip) or ``strong`` (also colour jitter).
         views: Augmented views per image cached on the frozen path when ``augment`` is on.
         val_fraction: Validation share when the data has no split folders.
         test_fraction: Test share when the data has no split folders.
@@ -103,7 +104,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     patience: int = 0
     balance: Literal["auto", "weights", "sampler", "none"] = "auto"
-    augment: Literal["none", "light", "strong"] = "none"
+    augment: Literal["auto", "none", "light", "strong"] = "auto"
     views: int = 4
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -138,6 +139,7 @@ class TrainConfig:
             epochs=self.epochs or (40 if fast else 8),
             batch_size=self.batch_size or (64 if fast else 16),
             lr=self.lr or (3e-3 if fast else 1e-3),
+            augment=self.augment if self.augment != "auto" else ("none" if fast else "light"),
         )
 
     def to_dict(self) -> dict:
@@ -381,9 +383,10 @@ class _Diverged(Exception):
 class FeatureCache:
     """Pooled backbone features, one small ``.npy`` file per (model key, view, image content).
 
-    The model key hashes the backbone name, its weights, the preprocessing and the augmentation
-    settings, so two runs that would compute the same features share them, and runs on other data or
-    other settings never collide. Writes are atomic; a corrupt file is recomputed.
+    The model key hashes the backbone name, its weights and the preprocessing; the view key is
+    ``center`` for the evaluation crop, or names the augmentation, seed and view number. Two runs that
+    would compute the same features share them (changing only augmentation keeps the centre-crop
+    features), and other data or settings never collide. Writes are atomic; a corrupt file is recomputed.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None):
@@ -397,20 +400,17 @@ class FeatureCache:
                 weights = "file:" + hashlib.file_digest(f, "sha256").hexdigest()
         elif weights == "random":
             weights = f"random:{config.seed}"  # random init depends on the seed
-        payload = {
-            "backbone": config.backbone,
-            "weights": weights,
-            "pre": pre.to_dict(),
-            "augment": config.augment,
-            "seed": config.seed if config.augment != "none" else 0,
-            "v": 1,
-        }
+        payload = {"backbone": config.backbone, "weights": weights, "pre": pre.to_dict(), "v": 1}
         return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=12).hexdigest()
 
-    def _path(self, key: str, view: int, digest: str) -> Path:
-        return self.directory / key / str(view) / digest[:2] / f"{digest}.npy"
+    @staticmethod
+    def view_key(config: TrainConfig, view: int) -> str:
+        return "center" if view == 0 else f"{config.augment}-s{config.seed}-v{view}"
 
-    def get(self, key: str, view: int, digest: str, dim: int) -> np.ndarray | None:
+    def _path(self, key: str, view: str, digest: str) -> Path:
+        return self.directory / key / view / digest[:2] / f"{digest}.npy"
+
+    def get(self, key: str, view: str, digest: str, dim: int) -> np.ndarray | None:
         path = self._path(key, view, digest)
         if not path.is_file():
             return None
@@ -423,7 +423,7 @@ class FeatureCache:
             logger.warning("corrupt feature-cache entry %s (%s); recomputing", path, exc)
             return None
 
-    def put(self, key: str, view: int, digest: str, arr: np.ndarray) -> None:
+    def put(self, key: str, view: str, digest: str, arr: np.ndarray) -> None:
         path = self._path(key, view, digest)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -483,7 +483,7 @@ def compute_features(
     todo: list[tuple[int, int]] = []
     for v in range(views):
         for i, s in enumerate(samples):
-            arr = feature_cache.get(key, v, s.digest, dim)
+            arr = feature_cache.get(key, FeatureCache.view_key(config, v), s.digest, dim)
             if arr is None:
                 todo.append((v, i))
             else:
@@ -528,7 +528,7 @@ def compute_features(
                             f = backbone(x).float().cpu().numpy()
                         for j, feat in zip(chunk, f):
                             out[idx[j], v] = feat
-                            feature_cache.put(key, v, subset[j].digest, feat)
+                            feature_cache.put(key, FeatureCache.view_key(config, v), subset[j].digest, feat)
                         start = chunk[-1] + 1
                         done += len(chunk)
                         if state is not None:
