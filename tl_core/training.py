@@ -81,6 +81,10 @@ class TrainConfig:
         augment: ``auto`` (``none`` on cached features, ``light`` when fine-tuning), ``none``, ``light``
             (random crop + flip) or ``strong`` (also colour jitter).
         views: Augmented views per image cached on the frozen path when ``augment`` is on.
+        head_warmup: Fine-tuning a pretrained backbone (``partial``/``full``) first trains the new head
+            for this many epochs on cached features (0: off), as fastai's ``fine_tune`` does: a random
+            head would otherwise send large, noisy gradients into the pretrained layers. The warmed-up
+            model is recorded as epoch 0, so fine-tuning never ends worse than the frozen result.
         val_fraction: Validation share when the data has no split folders.
         test_fraction: Test share when the data has no split folders.
         seed: Seed of the split, the initialisation and the batch order.
@@ -106,6 +110,7 @@ class TrainConfig:
     balance: Literal["auto", "weights", "sampler", "none"] = "auto"
     augment: Literal["auto", "none", "light", "strong"] = "auto"
     views: int = 4
+    head_warmup: int = 20
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     seed: int = 0
@@ -293,7 +298,7 @@ class FitResult:
             "macro_f1": m["macro_f1"],
             "val_loss": m["loss"],
             "test_accuracy": self.test_evaluation.metrics()["accuracy"] if self.test_evaluation else None,
-            "epochs_run": len(self.history),
+            "epochs_run": sum(1 for r in self.history if r["epoch"] > 0),
             "best_epoch": self.best_epoch,
             "status": self.status,
             "wall_seconds": round(self.wall_seconds, 3),
@@ -552,6 +557,52 @@ class _StopRequested(Exception):
     pass
 
 
+def _warm_up_head(model, splits, y_train, y_val, pre, cfg, image_cache, feature_cache, device, events, loss_fn, eval_loss_fn) -> dict:
+    """Trains the head alone on cached centre-crop features; returns its epoch-0 history row."""
+    t0 = time.perf_counter()
+    f_train, s1, c1 = compute_features(
+        model, splits.train, pre, config=cfg, image_cache=image_cache, feature_cache=feature_cache, device=device, events=events
+    )
+    f_val, s2, c2 = compute_features(
+        model, splits.val, pre, config=cfg, image_cache=image_cache, feature_cache=feature_cache, device=device, events=events
+    )
+    state = events.state
+    head = model.head.to(device)
+    feats = torch.from_numpy(f_train[:, 0])
+    targets = torch.from_numpy(y_train)
+    lr = 3e-3
+    bs = 64
+    opt = torch.optim.AdamW([p for p in head.parameters()], lr=lr, weight_decay=cfg.weight_decay)
+    steps = cfg.head_warmup * math.ceil(len(targets) / bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(1, steps // 20)))
+    rng = np.random.default_rng(cfg.seed)
+    state.phase = "head"
+    events("phase_start")
+    train_loss = float("nan")
+    for _ in range(cfg.head_warmup):
+        train_loss, _ = _head_epoch(
+            head, feats, targets, torch.from_numpy(rng.permutation(len(targets))), bs, opt, sched, loss_fn, state, events, lr, device
+        )
+    head.eval()
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(f_val[:, 0]).to(device)).float()
+    y_val_t = torch.from_numpy(y_val).to(device)
+    val_probs = torch.softmax(logits, 1).cpu().numpy()
+    row = {
+        "epoch": 0,
+        "train_loss": train_loss,
+        "val_loss": eval_loss_fn(logits, y_val_t).item(),
+        "val_accuracy": float((val_probs.argmax(1) == y_val).mean()),
+        "seconds": time.perf_counter() - t0,
+        "images_per_sec": float("nan"),
+        "lr": lr,
+        "partial": False,
+        "phase": "head warm-up",
+    }
+    events.message(f"Warmed up the new head on cached features: val accuracy {row['val_accuracy']:.3f}. Now fine-tuning.")
+    return {"row": row, "val_probs": val_probs, "feature_seconds": s1 + s2, "features_cached": c1 + c2}
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 
@@ -708,6 +759,14 @@ def fit(
             y_train_t, y_val_t = torch.from_numpy(y_train), torch.from_numpy(y_val).to(device)
             params = model.param_groups(cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
         else:
+            if cfg.head_warmup and cfg.weights != "random":
+                warm = _warm_up_head(
+                    model, splits, y_train, y_val, pre, cfg, image_cache, feature_cache, device, events, loss_fn, eval_loss_fn
+                )
+                feature_seconds, features_cached = warm["feature_seconds"], warm["features_cached"]
+                state.history.append(warm["row"])
+                state.best_val_loss, state.best_epoch = warm["row"]["val_loss"], 0
+                best_state, best_val_probs = copy.deepcopy(model.state_dict()), warm["val_probs"]
             model.to(device)
             if device.type != "mps":
                 model.to(memory_format=torch.channels_last)
@@ -789,7 +848,7 @@ def fit(
                     continue
                 raise
             stale = 0 if record(epoch, train_loss, ips, t0) else stale + 1
-            elapsed_train = sum(r["seconds"] for r in state.history)
+            elapsed_train = sum(r["seconds"] for r in state.history if r["epoch"] > 0)
             state.eta_seconds = elapsed_train / epoch * (cfg.epochs - epoch)
             events("epoch_end")
             if cfg.patience and stale >= cfg.patience:
@@ -815,7 +874,7 @@ def fit(
     tracked.load_state_dict(best_state)
     model.cpu().eval()
     if not message:
-        message = f"Finished {len(state.history)} epochs; restored the best epoch ({state.best_epoch})."
+        message = f"Finished {cfg.epochs} epochs; restored the best epoch ({state.best_epoch})."
     state.phase = "evaluate"
     evaluation = Evaluation(list(classes), y_val, best_val_probs, [s.path for s in splits.val], "val")
     test_eval = _test_evaluation(model, data, splits, pre, image_cache, cfg, device, f_eval if cfg.cached_features else None)
