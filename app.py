@@ -1,0 +1,40 @@
+"""Transfer Studio: a no-code studio for training image classifiers by transfer learning.
+
+Run with ``streamlit run app.py`` (add ``-- --sample`` to start with the bundled sample data loaded).
+
+This file is the one router (STYLE habit 10): page config, session state defaults, the session's
+workspace, the shared sidebar, and ``st.navigation([...]).run()``. The pages live in ``pages/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import streamlit as st
+
+st.set_page_config(page_title="Transfer Studio", page_icon="🧠", layout="wide", initial_sidebar_state="expanded")
+
+from ui import session, sidebar, state  # noqa: E402 - set_page_config must come first
+from ui.datasets import use_sample  # noqa: E402
+from ui.widgets import PAGES  # noqa: E402
+
+logging.getLogger("tl_core").setLevel(logging.INFO)
+
+state.init()
+ws = session.current()
+
+if "--sample" in sys.argv[1:] and not ws.sample_offered:
+    ws.sample_offered = True
+    if ws.dataset is None:
+        try:
+            use_sample(ws)
+        except Exception as exc:  # noqa: BLE001 - the app must start even if the sample is missing
+            st.toast(f"The sample data could not be loaded: {exc}", icon=":material/error:")
+
+pages = [
+    st.Page(p.path, title=p.title, icon=p.icon, url_path=p.key, default=p.key == "home") for p in PAGES.values()
+]
+navigation = st.navigation(pages)
+sidebar.render(ws)
+navigation.run()

@@ -1,0 +1,268 @@
+"""Evaluate: how good a trained model is, where it goes wrong, where it looks, and how runs compare."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from tl_core.preprocess import ImageDecodeError
+from tl_core.runs import RunError
+from ui import cam, session, state
+from ui.cache import run_evaluation, thumb
+from ui.figures import confusion_matrix, metric_bars
+from ui.widgets import flash, go, image_grid, md_escape, percent, require_run, show_error, show_flash
+
+ws = session.current()
+st.title("Evaluate")
+show_flash()
+runs, problems = ws.store.list()
+for p in problems:
+    st.caption(f"A damaged run was skipped: {md_escape(p)}")
+if not require_run(ws, runs, key="eval_need_run"):
+    st.stop()
+
+by_id = {r.run_id: r for r in runs}
+if state.EVAL_RUN.get() not in by_id:
+    state.EVAL_RUN.set(runs[0].run_id)
+
+
+def _run_label(run_id: str) -> str:
+    r = by_id[run_id]
+    return f"{r.name} · {percent(r.metrics.get('val_accuracy'))} · {r.created[:16].replace('T', ' ')}"
+
+
+top = st.columns([5, 2, 2], vertical_alignment="bottom")
+with top[0]:
+    st.selectbox("Trained model", list(by_id), format_func=_run_label, **state.EVAL_RUN.widget)
+run = by_id[state.EVAL_RUN.get()]
+splits = ["val"] + (["test"] if run.meta.get("test_metrics") else [])
+if state.EVAL_SPLIT.get() not in splits:
+    state.EVAL_SPLIT.reset()
+with top[1]:
+    st.segmented_control("Images", splits, format_func={"val": "validation", "test": "test"}.get, required=True,
+                         **state.EVAL_SPLIT.widget)
+with top[2]:
+    if st.button("Next: predict & export", type="primary", icon=":material/arrow_forward:", icon_position="right",
+                 key="eval_next_predict", width="stretch"):
+        state.PREDICT_RUN.set(run.run_id)
+        go("predict")
+
+try:
+    ev = run_evaluation(str(run.path), state.EVAL_SPLIT.get())
+except RunError as exc:
+    show_error(str(exc))
+    st.stop()
+
+cfg = run.config
+st.caption(f"{md_escape(cfg.get('backbone'))} · {cfg.get('strategy')} · {run.metrics.get('epochs_run')} epochs "
+           f"(best {run.metrics.get('best_epoch')}) · {run.metrics.get('wall_seconds', 0):.0f} s · "
+           f"{md_escape(run.meta.get('message', ''))}")
+
+overview, mistakes_tab, looks_tab, compare_tab = st.tabs(
+    ["Overview", "Mistakes", "Where it looks", "Compare runs"])
+
+# --------------------------------------------------------------------------------------------------
+# Overview
+
+with overview:
+    m = ev.metrics()
+    c = st.columns(4)
+    c[0].metric("Accuracy", percent(m["accuracy"]), border=True,
+                help="Share of the images it got right.")
+    c[1].metric("Balanced accuracy", percent(m["balanced_accuracy"]), border=True,
+                help="Accuracy of each class, averaged: a small class counts as much as a large one.")
+    c[2].metric("Macro F1", f"{m['macro_f1']:.3f}", border=True,
+                help="Balances missed images and false alarms, averaged over the classes (1 is perfect).")
+    c[3].metric("Images checked", m["n"], border=True, help="Images of this split; the model never trained on them.")
+
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        st.markdown("**Confusion matrix** — rows: the true class; columns: what the model said. Click a cell to "
+                    "see its images.")
+        st.toggle("Show shares of each row instead of counts", **state.CONFUSION_NORMALISED.widget)
+        normalised = state.CONFUSION_NORMALISED.get()
+        event = st.plotly_chart(
+            confusion_matrix(ev.confusion(normalize=normalised), ev.class_names, normalised=normalised),
+            key=f"eval_cm_{run.run_id}_{state.EVAL_SPLIT.get()}",
+            on_select="rerun",
+            selection_mode="points",
+            config={"displayModeBar": False},
+        )
+        points = [p for p in (event.selection.points if event else []) if p.get("customdata")]
+        if points:
+            i, j = points[0]["customdata"][:2]
+            click = (run.run_id, int(i), int(j))
+            if click != state.CELL_LAST_CLICK.get():
+                state.CELL_LAST_CLICK.set(click)
+                state.CELL_TRUE.set(ev.class_names[int(i)])
+                state.CELL_PREDICTED.set(ev.class_names[int(j)])
+    with right:
+        st.markdown("**Per class**")
+        st.dataframe(ev.per_class(), hide_index=True, key="eval_per_class", column_config={
+            "precision": st.column_config.NumberColumn(format="%.2f", help="Of the images it called this class, "
+                                                        "the share that really were."),
+            "recall": st.column_config.NumberColumn(format="%.2f", help="Of the images of this class, the share it "
+                                                     "found."),
+            "f1": st.column_config.NumberColumn(format="%.2f"),
+        })
+        confused = ev.most_confused()
+        if len(confused):
+            st.markdown("**Most often confused**")
+            st.dataframe(confused.head(8), hide_index=True, key="eval_confused")
+        else:
+            st.success("No mistakes on these images.", icon=":material/check_circle:")
+
+    st.markdown("**Images of one cell**")
+    names = ev.class_names
+    for key in (state.CELL_TRUE, state.CELL_PREDICTED):
+        if key.get() not in names:
+            key.set(names[0] if key is state.CELL_TRUE else (names[1] if len(names) > 1 else names[0]))
+    s1, s2 = st.columns(2)
+    s1.selectbox("True class", names, **state.CELL_TRUE.widget)
+    s2.selectbox("Predicted class", names, **state.CELL_PREDICTED.widget)
+    cell = ev.cell(state.CELL_TRUE.get(), state.CELL_PREDICTED.get())
+    if cell.empty:
+        st.caption("No images in this cell.")
+    else:
+        st.caption(f"{len(cell)} images; the percentage is the model's confidence in its answer.")
+        image_grid([(thumb(r.path), f"{Path(r.path).name} · {r.confidence:.0%}") for r in cell.head(24).itertuples()],
+                   columns=8)
+
+# --------------------------------------------------------------------------------------------------
+# Mistakes
+
+with mistakes_tab:
+    worst = ev.top_losses(k=24, mistakes_only=True)
+    if worst.empty:
+        st.success("The model got every image of this split right.", icon=":material/check_circle:")
+    else:
+        st.markdown(f"The {len(worst)} mistakes it was most sure about come first. Look for patterns: wrong labels "
+                    "in your data, unusual photos, or classes that really look alike.")
+        image_grid(
+            [(thumb(r.path), f"true: {r.true} · said: {r.predicted} ({r.confidence:.0%})") for r in worst.itertuples()],
+            columns=6,
+        )
+
+# --------------------------------------------------------------------------------------------------
+# Where it looks (Grad-CAM)
+
+with looks_tab:
+    if not cam.AVAILABLE:
+        st.info("Heat maps need the explain module of the engine, which is not installed here.", icon=":material/info:")
+    else:
+        st.markdown(cam.HOW_TO_READ)
+        st.caption(cam.LIMITS)
+        st.selectbox("Method", list(cam.METHODS), format_func=lambda m: cam.METHOD_NAMES.get(m, m),
+                     **state.CAM_METHOD.widget)
+        method = state.CAM_METHOD.get()
+        try:
+            model = ws.model(run.run_id)
+        except RunError as exc:
+            show_error(str(exc))
+            model = None
+        if model is not None:
+            view = st.radio("Show", ["A mistake", "Any image", "Class by class"], horizontal=True,
+                            key="eval_cam_view", label_visibility="collapsed")
+            if view == "A mistake":
+                worst = ev.top_losses(k=12, mistakes_only=True)
+                if worst.empty:
+                    st.caption("No mistakes to explain on this split.")
+                else:
+                    if state.CAM_MISTAKE.get() >= len(worst):
+                        state.CAM_MISTAKE.reset()
+                    st.selectbox("Mistake", list(range(len(worst))), **state.CAM_MISTAKE.widget,
+                                 format_func=lambda i: f"{Path(worst.path[i]).name}: {worst.true[i]} taken for "
+                                                       f"{worst.predicted[i]}")
+                    row = worst.iloc[state.CAM_MISTAKE.get()]
+                    cols = st.columns(3)
+                    cols[0].image(thumb(row.path, 320), caption="the photo", width="stretch")
+                    try:
+                        with st.spinner("Computing the heat maps…"):
+                            for col, cls in zip(cols[1:], (row.predicted, row.true)):
+                                e = cam.explain_cached(ws, run.run_id, model, row.path, target=names.index(cls),
+                                                       method=method)
+                                word = "what it said" if cls == row.predicted else "the right answer"
+                                col.image(e.overlay, caption=md_escape(f"evidence for {cls} ({word})"), width="stretch")
+                    except (ImageDecodeError, ValueError) as exc:
+                        show_error(str(exc))
+            elif view == "Any image":
+                paths = list(ev.paths)
+                if state.CAM_IMAGE.get() not in paths:
+                    state.CAM_IMAGE.set(paths[0])
+                c1, c2 = st.columns(2)
+                c1.selectbox("A validation image", paths, format_func=lambda p: Path(p).name,
+                             **state.CAM_IMAGE.widget)
+                upload = c2.file_uploader("…or your own image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"],
+                                          key="eval_cam_upload")
+                source = bytes(upload.getbuffer()) if upload is not None else state.CAM_IMAGE.get()
+                try:
+                    with st.spinner("Computing the heat map…"):
+                        e = cam.explain_cached(ws, run.run_id, model, source, target=None, method=method)
+                    cols = st.columns([2, 2, 3])
+                    cols[0].image(source if upload is not None else thumb(source, 320), caption="the photo",
+                                  width="stretch")
+                    cols[1].image(e.overlay, caption=md_escape(f"evidence for {names[e.target]}"), width="stretch")
+                    with cols[2]:
+                        st.markdown("**What it says**")
+                        for idx in e.probabilities.argsort()[::-1][:5]:
+                            st.progress(float(e.probabilities[idx]), text=f"{md_escape(names[idx])}: "
+                                                                          f"{e.probabilities[idx]:.0%}")
+                except (ImageDecodeError, ValueError) as exc:
+                    show_error(str(exc), hint="Try another image (JPEG or PNG).")
+            else:
+                st.caption("Three validation images of each class, each explained for its own class: does the "
+                           "model look at the subject in every class?")
+                if st.button("Show the class-by-class grid", key="eval_cam_grid", icon=":material/grid_view:"):
+                    by_class = {c: [p for p, y in zip(ev.paths, ev.y_true) if y == k][:3] for k, c in enumerate(names)}
+                    try:
+                        with st.spinner("Computing heat maps for every class…"):
+                            for k, (cls, paths) in enumerate(by_class.items()):
+                                st.markdown(f"**{md_escape(cls)}**")
+                                items = [(cam.explain_cached(ws, run.run_id, model, p, target=k, method=method).overlay,
+                                          Path(p).name) for p in paths]
+                                image_grid(items, columns=6)
+                    except (ImageDecodeError, ValueError) as exc:
+                        show_error(str(exc))
+
+# --------------------------------------------------------------------------------------------------
+# Compare runs
+
+with compare_tab:
+    if len(runs) < 2:
+        st.info("Train a second model (another backbone or strategy) to compare them side by side.",
+                icon=":material/info:")
+    else:
+        chosen = [r for r in state.COMPARE_RUNS.get() if r in by_id]
+        if not chosen:
+            chosen = [r.run_id for r in runs[:3]]
+        state.COMPARE_RUNS.set(chosen)
+        st.multiselect("Runs to compare", list(by_id), format_func=_run_label, **state.COMPARE_RUNS.widget)
+        ids = state.COMPARE_RUNS.get()
+        if ids:
+            table = ws.store.table()
+            table = table[table["run"].isin(ids)]
+            st.plotly_chart(metric_bars(table, ["val_accuracy", "balanced_accuracy", "macro_f1"]), key="eval_compare_bars")
+            st.dataframe(ws.store.compare(ids).astype(str), key="eval_compare_table")
+
+
+
+def _rename(run_id: str) -> None:
+    try:
+        ws.store.rename(run_id, state.RENAME_TO.get())
+        state.RENAME_TO.reset()
+    except RunError as exc:
+        flash("error", str(exc))
+
+
+def _delete(run_id: str) -> None:
+    ws.store.delete(run_id)
+    ws.forget_run(run_id)
+    state.EVAL_RUN.reset()
+    flash("success", "The run was deleted.")
+
+
+with st.expander("Rename or delete this run", icon=":material/edit:"):
+    c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
+    c1.text_input("New name", max_chars=120, **state.RENAME_TO.widget)
+    c2.button("Rename", key="eval_rename", disabled=not state.RENAME_TO.get().strip(), on_click=_rename,
+              args=(run.run_id,))
+    c3.button("Delete", key="eval_delete", icon=":material/delete:", on_click=_delete, args=(run.run_id,))

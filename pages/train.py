@@ -1,0 +1,126 @@
+"""Train: start and stop a run, watch its progress live, and see the runs trained so far."""
+
+import streamlit as st
+
+from ui import session, state
+from ui.cache import device_label, pretrained_backbone
+from ui.figures import training_curves
+from ui.settings import current_splits, describe, train_config
+from ui.widgets import go, md_escape, percent, require_data, seconds, show_error
+from ui.worker import TrainingJob
+
+ws = session.current()
+
+st.title("Train")
+if not require_data(ws, key="train_need_data"):
+    st.stop()
+data = ws.dataset
+
+try:
+    config = train_config()
+    splits = current_splits(data)
+except ValueError as exc:
+    show_error(str(exc), hint="Change the settings on the Model or Data page.")
+    st.stop()
+
+job = ws.job
+snap = job.snapshot() if job is not None else None
+active = snap is not None and snap.active
+
+info, buttons = st.columns([5, 3], vertical_alignment="center")
+with info:
+    st.markdown(f"**{md_escape(describe(config.resolved()))}**")
+    st.caption(f"{len(splits.train)} training and {len(splits.val)} validation images"
+               + (f", {len(splits.test)} test images" if splits.test else "") + f" · {device_label()}")
+with buttons:
+    b1, b2 = st.columns(2)
+    start = b1.button("Start training", type="primary", icon=":material/play_arrow:", key="train_start",
+                      disabled=active, width="stretch")
+    stop = b2.button("Stop", icon=":material/stop:", key="train_stop", disabled=not active or snap.stop_requested,
+                     width="stretch", help="Stops after the current batch and keeps the best model so far.")
+
+if start and not active:
+    ws.job = TrainingJob(data=data, splits=splits, config=config, store=ws.store,
+                         load_backbone=pretrained_backbone,
+                         on_saved=lambda run_id, result: ws.remember_model(run_id, result.model)).start()
+    st.rerun()
+if stop and active:
+    job.stop()
+    st.toast("Stopping after the current batch…", icon=":material/stop:")
+
+
+def progress_panel() -> None:
+    """Live progress of the session's job (polled while it runs)."""
+    job = ws.job
+    if job is None:
+        st.info("Press **Start training**. With the sample data and a frozen backbone it takes under a minute.",
+                icon=":material/info:")
+        return
+    p = job.snapshot()
+    if active and not p.active:
+        st.rerun()  # it just ended: rerun the whole page (buttons, results and the runs table change)
+    if p.status == "queued":
+        st.info(f"Waiting for another training on this server to finish ({p.queue_position} ahead of you).",
+                icon=":material/schedule:")
+    elif p.status == "preparing":
+        st.info(p.message or "Preparing…", icon=":material/downloading:")
+    if p.uses_features:
+        st.markdown("**Step 1 · Reading the images through the frozen backbone** (the slow part, done once)")
+        feat_text = ("done" if p.features_fraction >= 1 else
+                     f"{p.features_fraction:.0%} · {p.features_per_sec:.0f} images/s · about {seconds(p.features_eta)} left")
+        st.progress(min(p.features_fraction, 1.0), text=feat_text)
+        st.markdown("**Step 2 · Training the new head**")
+    else:
+        st.markdown("**Training** (every image goes through the whole network each epoch)")
+    epoch_text = (f"epoch {p.epoch} of {p.epochs}" + (f" · {p.images_per_sec:.0f} images/s" if p.images_per_sec else "")
+                  + (f" · about {seconds(p.epochs_eta)} left" if p.active and p.epoch else ""))
+    st.progress(min(p.epoch_fraction, 1.0), text=epoch_text)
+    m = st.columns(4)
+    best = max((r["val_accuracy"] for r in p.history), default=None)
+    m[0].metric("Best validation accuracy", percent(best))
+    m[1].metric("Epochs done", len(p.history))
+    m[2].metric("Time", seconds(p.elapsed) if p.active else "–")
+    m[3].metric("Device", p.device.upper())
+    if p.history or p.active:
+        st.plotly_chart(training_curves(p.history, p.epochs), key="train_curves", config={"displayModeBar": False})
+    for msg in p.messages:
+        st.caption(md_escape(msg))
+
+
+st.fragment(progress_panel, run_every=1.0 if active else None)()
+
+if snap is not None and not snap.active:
+    if snap.status == "done":
+        try:
+            kept = ws.store.get(snap.run_id).metrics
+        except Exception:  # noqa: BLE001 - a deleted run: the message alone is enough
+            kept = {}
+        st.success(f"**Done.** {md_escape(snap.message)} Validation accuracy of the kept model: "
+                   f"**{percent(kept.get('val_accuracy'))}** (best epoch {kept.get('best_epoch', '–')}).",
+                   icon=":material/check_circle:")
+        if st.button("Next: see how good it is", type="primary", icon=":material/arrow_forward:",
+                     icon_position="right", key="train_next_evaluate"):
+            state.EVAL_RUN.set(snap.run_id)
+            go("evaluate")
+    elif snap.status == "failed":
+        show_error(snap.message, hint="Change the settings on the Model page and start again.")
+    elif snap.status == "cancelled":
+        st.warning(md_escape(snap.message), icon=":material/cancel:")
+
+st.divider()
+st.subheader("Your trained models")
+table = ws.store.table()
+if table.empty:
+    st.caption("None yet. Each finished run is kept here, so you can compare them on the Evaluate page.")
+else:
+    st.dataframe(
+        table.drop(columns=["run"]),
+        hide_index=True,
+        key="train_runs_table",
+        column_config={
+            "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent"),
+            "balanced_accuracy": st.column_config.NumberColumn("balanced acc.", format="percent"),
+            "macro_f1": st.column_config.NumberColumn("macro F1", format="%.3f"),
+            "seconds": st.column_config.NumberColumn("seconds", format="%.0f"),
+        },
+    )

@@ -1,0 +1,214 @@
+"""The right cache for each job (STYLE habit 11).
+
+* ``st.cache_resource``: the pretrained ImageNet backbones. One copy per process, shared by every
+  session and treated as read-only: :func:`tl_core.training.fit` deep-copies it
+  (``pretrained_module=``), so no session's training ever changes what another session loads.
+* ``st.cache_data``: pure functions of files and settings: dataset scans (keyed by the path *and* a
+  signature of the folder's files, so an added batch of images is a new key), thumbnails, stored run
+  evaluations (a run folder never changes once written), backbone facts, stage summaries.
+
+Per-user things (datasets in use, training jobs, trained models) never go in here: they live in the
+session's :class:`ui.session.Workspace`. Every path cached here is inside one session's private folder
+(or the bundled sample data), so a shared cache cannot leak one session's data to another.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO_ROOT / "sample_data" / "hymenoptera"
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared read-only resources
+
+
+@st.cache_resource(max_entries=3, show_spinner=False)
+def pretrained_backbone(name: str):
+    """The ImageNet network ``name`` with its pretrained weights (shared; never modify it).
+
+    Raises:
+        BackboneError: e.g. :class:`~tl_core.backbones.WeightsUnavailableError` offline.
+    """
+    from tl_core.backbones import build_backbone
+
+    return build_backbone(name, weights="pretrained", progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions of data
+
+
+def folder_signature(path: str | os.PathLike) -> tuple[int, int, int]:
+    """``(files, bytes, newest mtime)`` of everything under ``path`` (a file: just that file)."""
+    path = Path(path)
+    if path.is_file():
+        st_ = path.stat()
+        return 1, st_.st_size, st_.st_mtime_ns
+    files = size = newest = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            try:
+                s = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            files += 1
+            size += s.st_size
+            newest = max(newest, s.st_mtime_ns)
+    return files, size, newest
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _scan(path: str, work_dir: str | None, signature: tuple[int, int, int]):
+    from tl_core.data import load_dataset
+
+    return load_dataset(path, work_dir=work_dir)
+
+
+def scan_dataset(path: str | os.PathLike, *, work_dir: str | os.PathLike | None = None):
+    """:func:`tl_core.data.load_dataset`, cached by path and content signature.
+
+    Raises:
+        DataError: the input cannot be used; the message says what to do.
+    """
+    return _scan(str(path), str(work_dir) if work_dir else None, folder_signature(path))
+
+
+def restore_dataset(path: str):
+    """Re-opens a session's dataset after a server restart (zips re-extract next to them)."""
+    p = Path(path)
+    work_dir = p.parent.parent / "data" / "extracted" if p.parent.name == "uploads" else None
+    return scan_dataset(p, work_dir=work_dir)
+
+
+@st.cache_data(max_entries=4000, show_spinner=False)
+def _thumbnail(path: str, size: int, mtime: float | None) -> bytes:
+    from PIL import Image
+
+    from tl_core.preprocess import ImageDecodeError, load_image
+
+    try:
+        im = load_image(path, draft_size=size)
+    except (ImageDecodeError, OSError):
+        im = Image.new("RGB", (size, size), (226, 232, 240))
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def thumb(path: str, size: int = 192) -> bytes:
+    """A JPEG thumbnail of an image file (EXIF orientation applied); a grey square when unreadable.
+
+    Cached by path, size and modification time.
+    """
+    try:
+        mtime = os.path.getmtime(path)
+    except OSError:
+        mtime = None
+    return _thumbnail(str(path), size, mtime)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def run_evaluation(run_dir: str, split: str = "val"):
+    """The stored predictions of a run (a run folder never changes once written).
+
+    Raises:
+        RunError: the run has no stored evaluation.
+    """
+    from tl_core.runs import load_evaluation
+
+    return load_evaluation(Path(run_dir), split)
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def backbone_table() -> pd.DataFrame:
+    """One row per registered backbone: what a person needs to choose one."""
+    from tl_core.backbones import get_backbone, list_backbones, weights_available
+
+    base = get_backbone("efficientnet_lite0").gflops
+    rows = []
+    for name in list_backbones():
+        spec = get_backbone(name)
+        ready = weights_available(name)
+        rows.append(
+            {
+                "backbone": name,
+                "family": spec.family,
+                "params (M)": round(spec.params / 1e6, 1),
+                "ImageNet top-1 %": round(spec.imagenet_top1, 1),
+                "GFLOPs": spec.gflops,
+                "relative cost": round(spec.gflops / base, 1),
+                "weights MB": round(spec.weights_mb, 1),
+                "licence": spec.licence.split(";")[0],
+                "available": "ready offline" if ready else f"needs download ({spec.weights_mb:.0f} MB)",
+                "about": spec.description,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@st.cache_data(max_entries=128, show_spinner=False)
+def stage_summary(backbone: str, strategy: str, trainable_stages: int | None, hidden: int, num_classes: int) -> pd.DataFrame:
+    """:meth:`TransferModel.stage_summary` for these settings, without loading any weights.
+
+    The model is built on PyTorch's ``meta`` device: parameters have shapes but no memory, so even
+    VGG-16 costs nothing and no download is needed.
+    """
+    import torch
+
+    from tl_core.model import HeadConfig, build_model
+
+    with torch.device("meta"):
+        model = build_model(
+            backbone,
+            max(num_classes, 2),
+            strategy=strategy,
+            trainable_stages=trainable_stages if strategy == "partial" else None,
+            head=HeadConfig(hidden=hidden),
+            weights="random",
+        )
+    return model.stage_summary()
+
+
+@st.cache_data(show_spinner=False)
+def device_label() -> str:
+    """The device training will use, in words."""
+    import torch
+
+    from tl_core.training import pick_device
+
+    device = pick_device()
+    if device.type == "cuda":
+        return f"GPU · {torch.cuda.get_device_name(0)}"
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU · {os.cpu_count() or 1} cores"
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def augmentation_views(path: str, backbone: str, strength: str, n: int = 4, seed: int = 0) -> list:
+    """The network's view of one image (centre crop) and ``n`` random training views, as uint8 arrays."""
+    import numpy as np
+    import torch
+
+    from tl_core.backbones import get_backbone
+    from tl_core.data import train_augmentation
+    from tl_core.preprocess import Preprocessing, center_crop, resized_array
+
+    pre = Preprocessing.from_spec(get_backbone(backbone))
+    arr = resized_array(path, pre)
+    views = [center_crop(arr, pre.input_size)]
+    if strength != "none":
+        aug = train_augmentation(pre, strength)
+        tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            views += [aug(tensor).permute(1, 2, 0).numpy() for _ in range(n)]
+    return views

@@ -1,0 +1,390 @@
+"""Per-browser sessions: an id that survives a refresh, a private folder, and a workspace in memory.
+
+Why not ``st.session_state`` alone: Streamlit starts a new session (with empty session state) when a
+browser tab is refreshed, but a training run must carry on and be found again. So each browser tab
+gets a random session id, kept in the URL (``?sid=...``); a refresh reloads the same URL, and the new
+Streamlit session finds its :class:`Workspace` in the process-level :data:`REGISTRY` again, with the
+dataset, the training job and the trained models.
+
+Isolation: every workspace has its own folder, ``$TRANSFER_STUDIO_HOME/sessions/<sid>/`` (uploads,
+extracted data, runs, exports, temporary files); nothing of one session is reachable from another,
+and the id is 24 random URL-safe characters, so it cannot be guessed. (Whoever has the URL has the
+session: that is the price of surviving a refresh without accounts.)
+
+Clean-up (:meth:`WorkspaceRegistry.sweep`, run at most once a minute): a workspace whose browser
+sessions have all gone for ``$TRANSFER_STUDIO_SESSION_GRACE`` seconds (default 30 minutes) has its
+training stopped, its temporary files deleted and is dropped from memory; its folder (runs included)
+is deleted once unused for ``$TRANSFER_STUDIO_SESSION_TTL`` seconds (default one day).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SID_PARAM = "sid"
+_SID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_SWEEP_EVERY = 60.0
+_MODELS_KEPT = 2
+_EXPLANATIONS_KEPT = 64
+
+
+def studio_home() -> Path:
+    """``$TRANSFER_STUDIO_HOME`` or ``~/.transfer-studio``."""
+    return Path(os.environ.get("TRANSFER_STUDIO_HOME", Path.home() / ".transfer-studio"))
+
+
+def sessions_root() -> Path:
+    return studio_home() / "sessions"
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def valid_session_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(_SID.match(value))
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class Workspace:
+    """Everything of one browser session that must outlive a refresh.
+
+    Args:
+        sid: The session id.
+        root: The session's private folder.
+
+    Attributes:
+        dataset: The current :class:`~tl_core.data.ImageSet` (or ``None``).
+        origin: Where it came from: ``{"kind", "path", "label"}``.
+        job: The current or last :class:`~ui.worker.TrainingJob`.
+        exports: Export jobs by run id.
+        bundle: A :class:`~tl_core.export.Predictor` loaded from an uploaded bundle, and its file name.
+    """
+
+    def __init__(self, sid: str, root: Path):
+        self.sid = sid
+        self.root = root
+        self.lock = threading.RLock()
+        self.created = self.last_seen = time.time()
+        self.dataset = None
+        self.origin: dict | None = None
+        self.job = None
+        self.exports: dict[str, Any] = {}
+        self.bundle = None
+        self.bundle_name: str | None = None
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._explanations: OrderedDict[tuple, Any] = OrderedDict()
+        self.clients: set[str] = set()
+        self.gone_since: float | None = None
+        self.sample_offered = False  # `streamlit run app.py -- --sample` loads the sample once
+        for folder in (self.uploads, self.data_dir, self.runs_dir, self.exports_dir, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------------------------------------
+    # Folders
+
+    @property
+    def uploads(self) -> Path:
+        """Raw uploaded files, kept only until they are turned into a dataset."""
+        return self.root / "uploads"
+
+    @property
+    def data_dir(self) -> Path:
+        """Datasets built from uploads (extracted zips, class batches, CSV sets)."""
+        return self.root / "data"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def store(self):
+        """The session's :class:`~tl_core.runs.RunStore`."""
+        from tl_core.runs import RunStore
+
+        return RunStore(self.runs_dir)
+
+    # ---------------------------------------------------------------------------------------------
+    # Dataset
+
+    def set_dataset(self, data, *, kind: str, path: str | os.PathLike, label: str) -> None:
+        """Makes ``data`` the current dataset and remembers where it came from (for a server restart)."""
+        with self.lock:
+            self.dataset = data
+            self.origin = {"kind": kind, "path": str(path), "label": label}
+            _write_json(self.root / "workspace.json", {"origin": self.origin})
+
+    def clear_dataset(self) -> None:
+        with self.lock:
+            self.dataset, self.origin = None, None
+            (self.root / "workspace.json").unlink(missing_ok=True)
+
+    def restore(self, loader: Callable[[str], Any]) -> None:
+        """Reloads the dataset named in ``workspace.json`` (after a server restart); errors are logged."""
+        try:
+            meta = json.loads((self.root / "workspace.json").read_text(encoding="utf-8"))
+            origin = meta["origin"]
+            self.dataset = loader(origin["path"])
+            self.origin = origin
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # noqa: BLE001 - a stale record must not break the session
+            logger.warning("cannot restore the dataset of session %s: %s", self.sid[:6], exc)
+
+    # ---------------------------------------------------------------------------------------------
+    # Models (per user: kept here, never in a shared cache)
+
+    def remember_model(self, run_id: str, model) -> None:
+        with self.lock:
+            self._models[run_id] = model
+            self._models.move_to_end(run_id)
+            while len(self._models) > _MODELS_KEPT:
+                self._models.popitem(last=False)
+
+    def model(self, run_id: str):
+        """The trained model of ``run_id`` (loaded from the run store when not in memory).
+
+        Raises:
+            RunError: if the run is missing or damaged.
+        """
+        from tl_core.runs import load_model
+
+        with self.lock:
+            if run_id in self._models:
+                self._models.move_to_end(run_id)
+                return self._models[run_id]
+        model = load_model(self.store.get(run_id))
+        self.remember_model(run_id, model)
+        return model
+
+    def forget_run(self, run_id: str) -> None:
+        with self.lock:
+            self._models.pop(run_id, None)
+            self.exports.pop(run_id, None)
+            for key in [k for k in self._explanations if k[0] == run_id]:
+                del self._explanations[key]
+
+    def explanation(self, key: tuple, compute: Callable[[], Any]):
+        """A memoised explanation (``key`` starts with the model's id); computed under the lock.
+
+        The lock also keeps two explanations of one model from running at once: Grad-CAM switches
+        the model's gradients on and off while it works.
+        """
+        with self.lock:
+            if key in self._explanations:
+                self._explanations.move_to_end(key)
+                return self._explanations[key]
+            value = compute()
+            self._explanations[key] = value
+            while len(self._explanations) > _EXPLANATIONS_KEPT:
+                self._explanations.popitem(last=False)
+            return value
+
+    # ---------------------------------------------------------------------------------------------
+    # Life cycle
+
+    @property
+    def training(self) -> bool:
+        return self.job is not None and self.job.snapshot().active
+
+    def touch(self, client: str | None = None) -> None:
+        self.last_seen = time.time()
+        self.gone_since = None
+        if client:
+            self.clients.add(client)
+        try:
+            (self.root / ".last_seen").touch()
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """Stops background work and deletes temporary files (the runs stay)."""
+        if self.job is not None:
+            self.job.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.uploads, ignore_errors=True)
+        with self.lock:
+            self._models.clear()
+            self._explanations.clear()
+            self.bundle = None
+
+
+class WorkspaceRegistry:
+    """The workspaces of this server process, by session id (thread-safe)."""
+
+    def __init__(self, root: Callable[[], Path] = sessions_root):
+        self._root = root
+        self._lock = threading.Lock()
+        self._workspaces: dict[str, Workspace] = {}
+        self._last_sweep = 0.0
+
+    def get(self, sid: str) -> Workspace | None:
+        with self._lock:
+            return self._workspaces.get(sid)
+
+    def get_or_create(self, sid: str, *, restore: Callable[[str], Any] | None = None) -> Workspace:
+        """The workspace of ``sid``, created (or re-opened from its folder) when needed."""
+        if not valid_session_id(sid):
+            raise ValueError("not a session id")
+        with self._lock:
+            ws = self._workspaces.get(sid)
+            if ws is not None:
+                return ws
+            root = self._root() / sid
+            existed = root.is_dir()
+            ws = Workspace(sid, root)
+            self._workspaces[sid] = ws
+        if existed and restore is not None:
+            ws.restore(restore)
+        return ws
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._workspaces)
+
+    def remove(self, sid: str, *, delete_files: bool = False) -> None:
+        with self._lock:
+            ws = self._workspaces.pop(sid, None)
+        if ws is not None:
+            ws.release()
+        if delete_files:
+            shutil.rmtree(self._root() / sid, ignore_errors=True)
+
+    def sweep(
+        self,
+        is_active: Callable[[str], bool],
+        *,
+        now: float | None = None,
+        grace: float | None = None,
+        ttl: float | None = None,
+    ) -> list[str]:
+        """Releases workspaces whose browser sessions have all been gone for ``grace`` seconds.
+
+        Args:
+            is_active: Whether a Streamlit session id is still connected.
+            now: The time (for tests).
+            grace: Seconds a workspace is kept after its last browser session went away.
+            ttl: Seconds a session folder is kept after its last use.
+
+        Returns:
+            The ids released.
+        """
+        now = time.time() if now is None else now
+        grace = _env_seconds("TRANSFER_STUDIO_SESSION_GRACE", 1800) if grace is None else grace
+        ttl = _env_seconds("TRANSFER_STUDIO_SESSION_TTL", 86400) if ttl is None else ttl
+        released = []
+        with self._lock:
+            items = list(self._workspaces.items())
+        for sid, ws in items:
+            if any(is_active(c) for c in list(ws.clients)):
+                ws.gone_since = None
+                continue
+            ws.gone_since = ws.gone_since or now
+            if now - ws.gone_since < grace:
+                continue
+            if ws.job is not None and ws.job.alive:
+                ws.job.stop()  # dropped on a later sweep, once the thread has ended
+                continue
+            self.remove(sid)
+            released.append(sid)
+            logger.info("released workspace %s… after %.0f s without a browser", sid[:6], now - ws.gone_since)
+        root = self._root()
+        if root.is_dir():
+            live = set(self.ids())
+            for folder in root.iterdir():
+                if folder.name in live or not folder.is_dir():
+                    continue
+                marker = folder / ".last_seen"
+                last = marker.stat().st_mtime if marker.exists() else folder.stat().st_mtime
+                if now - last > ttl:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    logger.info("deleted session folder %s… unused for %.0f s", folder.name[:6], now - last)
+        return released
+
+    def maybe_sweep(self, is_active: Callable[[str], bool]) -> None:
+        """:meth:`sweep`, at most once a minute."""
+        now = time.time()
+        with self._lock:
+            if now - self._last_sweep < _SWEEP_EVERY:
+                return
+            self._last_sweep = now
+        try:
+            self.sweep(is_active, now=now)
+        except Exception:  # noqa: BLE001 - clean-up must never break a page
+            logger.exception("session clean-up failed")
+
+
+REGISTRY = WorkspaceRegistry()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streamlit glue
+
+
+def _streamlit_session_id() -> str | None:
+    from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+    ctx = get_script_run_ctx(suppress_warning=True)
+    return ctx.session_id if ctx else None
+
+
+def _is_active(client: str) -> bool:
+    from streamlit import runtime
+
+    if not runtime.exists():
+        return True
+    return bool(runtime.get_instance().is_active_session(client))
+
+
+def current() -> Workspace:
+    """This browser session's workspace; puts the session id into the URL so a refresh finds it again."""
+    import streamlit as st
+
+    from ui import state
+    from ui.cache import restore_dataset
+
+    sid = state.SESSION_ID.get()
+    if not valid_session_id(sid):
+        from_url = st.query_params.get(SID_PARAM)
+        sid = from_url if valid_session_id(from_url) else new_session_id()
+        state.SESSION_ID.set(sid)
+    # Page switches clear the query string, so it is put back on every run.
+    if st.query_params.get(SID_PARAM) != sid:
+        st.query_params[SID_PARAM] = sid
+    ws = REGISTRY.get_or_create(sid, restore=restore_dataset)
+    ws.touch(_streamlit_session_id())
+    REGISTRY.maybe_sweep(_is_active)
+    return ws

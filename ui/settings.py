@@ -1,0 +1,81 @@
+"""The person's choices (session state) turned into the engine's objects: splits and a TrainConfig.
+
+Kept in one place so the split the Data page shows is exactly the split training uses, and the
+settings the Model page shows are exactly the ones the run records.
+"""
+
+from __future__ import annotations
+
+from ui import state
+
+# Defaults that depend on the strategy (as TrainConfig.resolved() would pick them).
+STRATEGY_DEFAULTS = {
+    "frozen": {"epochs": 40, "lr": 3e-3},
+    "partial": {"epochs": 8, "lr": 1e-3},
+    "full": {"epochs": 8, "lr": 1e-3},
+}
+
+STRATEGY_TEXT = {
+    "frozen": ("Frozen backbone", "Only the new head learns. Fastest; best with few images (tens per class)."),
+    "partial": ("Fine-tune the last stages", "The last stages adapt to your images too. Slower; needs more images."),
+    "full": ("Fine-tune everything", "Every layer adapts. Slowest; for hundreds of images per class."),
+}
+
+
+def on_strategy_change() -> None:
+    """Resets epochs and learning rate to the defaults of the newly chosen strategy."""
+    defaults = STRATEGY_DEFAULTS[state.STRATEGY.get()]
+    state.EPOCHS.set(defaults["epochs"])
+    state.LEARNING_RATE.set(defaults["lr"])
+    state.TRAINABLE_STAGES.reset()
+
+
+def current_splits(data):
+    """The train/val/test split chosen on the Data page.
+
+    Raises:
+        ValueError: when the fractions leave no training data.
+    """
+    from tl_core.data import split_dataset
+
+    return split_dataset(
+        data,
+        val_fraction=float(state.VAL_FRACTION.get()),
+        test_fraction=float(state.TEST_FRACTION.get()),
+        seed=int(state.SPLIT_SEED.get()),
+        honour_splits=bool(state.HONOUR_SPLITS.get()),
+    )
+
+
+def train_config():
+    """The :class:`~tl_core.training.TrainConfig` of the current choices.
+
+    Raises:
+        ValueError: for contradictory settings (the message names them).
+    """
+    from tl_core.training import TrainConfig
+
+    strategy = state.STRATEGY.get()
+    budget = int(state.TIME_BUDGET.get() or 0)
+    return TrainConfig(
+        backbone=state.BACKBONE.get(),
+        strategy=strategy,
+        trainable_stages=state.TRAINABLE_STAGES.get() if strategy == "partial" else None,
+        epochs=int(state.EPOCHS.get()),
+        lr=float(state.LEARNING_RATE.get()),
+        hidden=int(state.HIDDEN.get()),
+        dropout=float(state.DROPOUT.get()),
+        augment=state.AUGMENT.get(),
+        balance=state.BALANCE.get(),
+        patience=int(state.PATIENCE.get()),
+        val_fraction=float(state.VAL_FRACTION.get()),
+        test_fraction=float(state.TEST_FRACTION.get()),
+        seed=int(state.SPLIT_SEED.get()),
+        max_seconds=float(budget) if budget > 0 else None,
+    )
+
+
+def describe(config) -> str:
+    """One line about a config, for people."""
+    strategy = STRATEGY_TEXT[config.strategy][0].lower()
+    return f"{config.backbone} · {strategy} · {config.epochs} epochs · augmentation {config.augment}"

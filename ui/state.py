@@ -1,0 +1,147 @@
+"""Every session-state key of the studio, declared once with its default.
+
+Pages never write ``st.session_state["some_string"]`` directly: they use the :class:`Key` objects
+below (``state.BACKBONE.get()``, ``key=state.BACKBONE.name`` for widgets). :func:`init` puts every
+default in place at the top of each run, so a key is always present and its default lives in one
+place.
+
+What must outlive a browser refresh (the dataset, the training job, trained models) is not here: it
+belongs to the session's :class:`ui.session.Workspace`, which is keyed by the session id in the URL.
+Session state holds only the person's current choices on the pages.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import streamlit as st
+
+_REGISTRY: dict[str, Key] = {}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One session-state entry.
+
+    Attributes:
+        name: The key in ``st.session_state`` (also used as the widget key).
+        default: Its value when unset (copied, so mutable defaults are never shared).
+        doc: What it holds.
+        widget_owned: The widget that shows it creates it with ``default`` (for widgets, such as
+            ``st.pagination``, that warn when session state was written before them); :func:`init`
+            then leaves it unset and :meth:`reset` deletes it.
+    """
+
+    name: str
+    default: Any
+    doc: str
+    widget_owned: bool = False
+
+    def get(self) -> Any:
+        """The current value (the default when unset)."""
+        if self.name not in st.session_state:
+            if self.widget_owned:
+                return copy.deepcopy(self.default)
+            st.session_state[self.name] = copy.deepcopy(self.default)
+        return st.session_state[self.name]
+
+    def set(self, value: Any) -> None:
+        st.session_state[self.name] = value
+
+    def reset(self) -> None:
+        if self.widget_owned:
+            st.session_state.pop(self.name, None)
+        else:
+            st.session_state[self.name] = copy.deepcopy(self.default)
+
+    @property
+    def widget(self) -> dict:
+        """Keyword arguments binding a widget to this key, kept across page switches.
+
+        ``persist_state="session"`` stops Streamlit from dropping the value when the person visits
+        another page (by default a widget's state is cleaned up once the widget is not drawn).
+        """
+        return {"key": self.name, "persist_state": "session"}
+
+
+def _declare(name: str, default: Any, doc: str, *, widget_owned: bool = False) -> Key:
+    if name in _REGISTRY:
+        raise ValueError(f"session key {name!r} is declared twice")
+    key = Key(name, default, doc, widget_owned)
+    _REGISTRY[name] = key
+    return key
+
+
+def all_keys() -> dict[str, Key]:
+    """Every declared key, by name."""
+    return dict(_REGISTRY)
+
+
+def init() -> None:
+    """Sets the default of every key that is not set yet (called once per run by ``app.py``)."""
+    for key in _REGISTRY.values():
+        if key.name not in st.session_state and not key.widget_owned:
+            st.session_state[key.name] = copy.deepcopy(key.default)
+
+
+# --------------------------------------------------------------------------------------------------
+# Session identity
+
+SESSION_ID = _declare("ts_session_id", None, "This browser session's id (also in the URL as ?sid=...).")
+
+FLASH = _declare("ts_flash", None, "A (level, message) to show once on the next run (set by button callbacks).")
+
+# --------------------------------------------------------------------------------------------------
+# Data page
+
+UPLOAD_NONCE = _declare("ts_upload_nonce", 0, "Bumped to clear the file uploaders after an upload was used.")
+DATA_SOURCE_TAB = _declare("ts_data_source", "Sample data", "Which data source the Data page shows.")
+BATCH_CLASS_NAME = _declare("ts_batch_class", "", "Class name typed for the next batch of uploaded images.")
+VAL_FRACTION = _declare("ts_val_fraction", 0.2, "Share of images held out for validation.")
+TEST_FRACTION = _declare("ts_test_fraction", 0.0, "Share of images held out for a final test.")
+SPLIT_SEED = _declare("ts_split_seed", 0, "Seed of the random split (and of training).")
+HONOUR_SPLITS = _declare("ts_honour_splits", True, "Use the train/val/test folders of the data when present.")
+PREVIEW_CLASS = _declare("ts_preview_class", None, "Class shown in the preview grid.")
+PREVIEW_PAGE = _declare("ts_preview_page", 1, "Page of the preview grid.", widget_owned=True)
+AUGMENT_PREVIEW_SEED = _declare("ts_augment_preview_seed", 0, "Seed of the augmentation preview (bumped to shuffle).")
+AUGMENT = _declare("ts_augment", "none", "Augmentation strength used in training: none, light or strong.")
+
+# --------------------------------------------------------------------------------------------------
+# Model page
+
+BACKBONE = _declare("ts_backbone", "efficientnet_lite0", "Chosen pretrained backbone.")
+STRATEGY = _declare("ts_strategy", "frozen", "frozen, partial or full.")
+TRAINABLE_STAGES = _declare("ts_trainable_stages", None, "For partial: how many last stages train (None: default).")
+EPOCHS = _declare("ts_epochs", 40, "Most epochs.")
+LEARNING_RATE = _declare("ts_lr", 3e-3, "Peak learning rate of the head.")
+HIDDEN = _declare("ts_hidden", 0, "Width of the head's hidden layer (0: none).")
+DROPOUT = _declare("ts_dropout", 0.2, "Dropout in the head.")
+BALANCE = _declare("ts_balance", "auto", "Class balancing: auto, weights, sampler or none.")
+PATIENCE = _declare("ts_patience", 0, "Early stopping patience in epochs (0: off).")
+TIME_BUDGET = _declare("ts_time_budget", 0, "Wall-clock budget of a run in seconds (0: none).")
+
+# --------------------------------------------------------------------------------------------------
+# Evaluate page
+
+EVAL_RUN = _declare("ts_eval_run", None, "Run shown on the Evaluate page (None: the newest).")
+CONFUSION_NORMALISED = _declare("ts_cm_normalised", False, "Show the confusion matrix as row shares.")
+CELL_TRUE = _declare("ts_cm_true", None, "True class of the confusion-matrix cell whose images are listed.")
+CELL_PREDICTED = _declare("ts_cm_predicted", None, "Predicted class of that cell.")
+CELL_LAST_CLICK = _declare("ts_cm_last_click", None, "The last chart click applied (so an old click does not win).")
+EVAL_SPLIT = _declare("ts_eval_split", "val", "Which split the Evaluate page shows: val or test.")
+CAM_MISTAKE = _declare("ts_cam_mistake", 0, "Which mistake the heat-map view explains.")
+CAM_IMAGE = _declare("ts_cam_image", None, "Validation image picked for the heat-map view.")
+RENAME_TO = _declare("ts_rename_to", "", "New name typed for a run.")
+COMPARE_RUNS = _declare("ts_compare_runs", [], "Runs picked for the side-by-side comparison.")
+CAM_METHOD = _declare("ts_cam_method", "gradcam", "Class-activation-map method.")
+
+# --------------------------------------------------------------------------------------------------
+# Predict & Export page
+
+PREDICT_SOURCE = _declare("ts_predict_source", "run", "Predict with a run of this session or an uploaded bundle.")
+PREDICT_RUN = _declare("ts_predict_run", None, "Run used for prediction and export (None: the newest).")
+TOP_K = _declare("ts_top_k", 3, "How many classes each prediction lists.")
+SHOW_CAM = _declare("ts_show_cam", False, "Show heat maps next to predictions.")
+USE_CAMERA = _declare("ts_use_camera", False, "Whether the camera input is shown.")

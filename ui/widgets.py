@@ -1,0 +1,142 @@
+"""Small pieces every page uses: the page list, "Next" buttons, "missing step" notices, safe text.
+
+User-supplied strings (class names, file names, run names) are shown with :func:`md_escape` wherever
+Streamlit would read Markdown (captions, labels, ``st.markdown``), or with ``st.text``/dataframes, so a
+label such as ``**bold**`` or ``<script>`` shows as typed and never runs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import streamlit as st
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """One page of the studio."""
+
+    key: str
+    path: str
+    title: str
+    icon: str
+
+
+PAGES: dict[str, PageInfo] = {
+    p.key: p
+    for p in (
+        PageInfo("home", "pages/home.py", "Home", ":material/home:"),
+        PageInfo("data", "pages/data.py", "Data", ":material/photo_library:"),
+        PageInfo("model", "pages/model.py", "Model", ":material/account_tree:"),
+        PageInfo("train", "pages/train.py", "Train", ":material/model_training:"),
+        PageInfo("evaluate", "pages/evaluate.py", "Evaluate", ":material/fact_check:"),
+        PageInfo("predict", "pages/predict.py", "Predict & Export", ":material/photo_camera:"),
+        # Experiments (strategy comparison, learning curve): add its PageInfo here once
+        # tl_core.experiments exists; app.py builds the navigation from this dict.
+    )
+}
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&=])")
+
+
+def md_escape(text: object) -> str:
+    """``text`` with every Markdown/HTML-significant character escaped, on one line."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def go(page: str) -> None:
+    """Switches to ``page`` (a key of :data:`PAGES`), keeping the session id in the URL."""
+    from ui import state
+
+    sid = state.SESSION_ID.get()
+    st.switch_page(PAGES[page].path, query_params={"sid": sid} if sid else None)
+
+
+def next_button(label: str, page: str, *, key: str, primary: bool = True, help: str | None = None) -> None:
+    """A button that goes to ``page``."""
+    if st.button(label, key=key, type="primary" if primary else "secondary", icon=":material/arrow_forward:",
+                 icon_position="right", help=help):
+        go(page)
+
+
+def missing(what: str, fix: str, page: str, *, key: str) -> None:
+    """Says what an earlier step left missing, with a button to go there."""
+    with st.container(border=True):
+        st.markdown(f"**{what}**")
+        st.caption(fix)
+        next_button(f"Go to {PAGES[page].title}", page, key=key)
+
+
+def require_data(ws, *, key: str) -> bool:
+    """True when the session has a dataset; otherwise explains and offers the Data page."""
+    if ws.dataset is not None:
+        return True
+    missing("No images yet.", "Load the sample data or upload your own images on the Data page first.", "data", key=key)
+    return False
+
+
+def require_run(ws, runs: list, *, key: str) -> bool:
+    """True when the session has at least one trained run; otherwise points to the Train page."""
+    if runs:
+        return True
+    if ws.dataset is None:
+        missing("No trained model yet.", "Start with images: load the sample data or upload yours.", "data", key=key)
+    else:
+        missing("No trained model yet.", "Train a model first; with the sample data it takes under a minute.",
+                "train", key=key)
+    return False
+
+
+def seconds(s: float | None) -> str:
+    """``75`` -> ``1 min 15 s``; NaN -> ``…``."""
+    if s is None or not math.isfinite(s):
+        return "…"
+    s = max(0, int(round(s)))
+    if s < 60:
+        return f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def percent(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
+
+
+def show_error(message: str, *, hint: str | None = None) -> None:
+    """A readable error with what to do (user-facing messages only; never a traceback)."""
+    st.error(md_escape(message) + (f"\n\n{hint}" if hint else ""), icon=":material/error:")
+
+
+def flash(level: str, message: str) -> None:
+    """Queues a message for the next run (from a callback, where drawing is not possible)."""
+    from ui import state
+
+    state.FLASH.set((level, message))
+
+
+def show_flash() -> None:
+    """Shows and clears the queued message."""
+    from ui import state
+
+    item = state.FLASH.get()
+    if item:
+        state.FLASH.reset()
+        level, message = item
+        if level == "error":
+            show_error(message)
+        else:
+            st.success(md_escape(message), icon=":material/check_circle:")
+
+
+def image_grid(items: list[tuple[bytes | object, str]], *, columns: int = 6) -> None:
+    """Images with (escaped) captions in rows of ``columns``."""
+    for start in range(0, len(items), columns):
+        cols = st.columns(columns)
+        for col, (img, caption) in zip(cols, items[start : start + columns]):
+            with col:
+                st.image(img, caption=md_escape(caption) if caption else None, width="stretch")
