@@ -10,12 +10,14 @@ reported and skipped; problems with the whole input raise :class:`DataError` wit
 the input, the problem and the fix.
 
 Decoded images are cached by :class:`ImageCache`: each file is decoded and resized once, keyed by its
-content hash, so later epochs and later runs read a small uint8 array instead of a JPEG.
+content hash, so later epochs and later runs read a small uint8 array instead of a JPEG. A file that
+changes or breaks after the check stops training with a :class:`SampleReadError` that names it.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import logging
@@ -24,6 +26,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 import zipfile
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +44,7 @@ from .preprocess import (
     ImageDecodeError,
     Preprocessing,
     center_crop,
+    decode_image,
     load_image,
     resized_array,
     to_input,
@@ -52,7 +56,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", "
     (".heic", ".heif") if HEIF_SUPPORTED else ()
 )
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx"}
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", "icon\r", "ehthumbs.db", "$recycle.bin"}
 CSV_FILE_COLUMNS = ("filename", "file", "file_name", "path", "filepath", "image", "image_path", "img")
 CSV_LABEL_COLUMNS = ("label", "class", "category", "target", "class_name", "y")
 
@@ -61,16 +65,35 @@ class DataError(ValueError):
     """The input as a whole cannot be used; the message says what is wrong and what to do."""
 
 
+class SampleReadError(DataError):
+    """An image that passed the dataset check can no longer be used (changed, damaged or deleted since).
+
+    Raised while decoding for training or evaluation, so one bad file stops the run with a message that
+    names it instead of a traceback from a worker thread.
+
+    Attributes:
+        path: The file.
+        reason: ``changed``, ``missing`` or an :class:`ImageDecodeError` reason.
+    """
+
+    def __init__(self, message: str, *, path: str, reason: str):
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Limits:
     """Limits on what is accepted, shown to users so they know them before uploading.
 
     Attributes:
-        max_files: Most files in one dataset or archive.
-        max_total_bytes: Most bytes of one dataset once extracted.
+        max_files: Most files in one dataset or archive (the zips inside a zip included).
+        max_total_bytes: Most bytes of one dataset (a zip: once extracted, checked before extracting).
         max_pixels: Most pixels one image may declare (decompression bombs are refused).
         max_ratio: Highest compression ratio of a zip member (zip bombs are refused).
         max_nested_zips: How many zips inside a zip are opened (one level).
+        max_aspect: Longest side over shortest side of one image; thinner strips are skipped, because
+            resizing their shorter side to the network's size would make a gigantic array.
     """
 
     max_files: int = 20_000
@@ -78,12 +101,20 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_ratio: float = 200.0
     max_nested_zips: int = 20
+    max_aspect: float = 20.0
 
     def describe(self) -> str:
         return (
-            f"up to {self.max_files:,} files, {self.max_total_bytes / 1024**3:.1f} GB in all, "
-            f"{self.max_pixels / 1e6:.0f} megapixels per image"
+            f"up to {self.max_files:,} files, {_size_text(self.max_total_bytes)} in all, "
+            f"{self.max_pixels / 1e6:g} megapixels per image"
         )
+
+
+def _size_text(n: float) -> str:
+    for unit, scale in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} bytes"
 
 
 @dataclass(frozen=True)
@@ -95,8 +126,8 @@ class Sample:
         label: Class name.
         split: ``train``, ``val`` or ``test`` when the source fixed it, else ``None``.
         digest: Content hash (BLAKE2b, 16 bytes hex).
-        width: Width after EXIF orientation... as declared by the file header.
-        height: Height as declared.
+        width: Full-resolution width as the file declares it, turned upright by its EXIF orientation.
+        height: Height, likewise.
         relpath: Path shown to people, relative to the dataset root.
     """
 
@@ -149,6 +180,8 @@ class DataReport:
     skipped: list[SkippedFile] = field(default_factory=list)
     duplicates: list[DuplicateGroup] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Files that were kept but deserve a look (``tiny``, ``blank``: placeholders, failed downloads).
+    flagged: list[SkippedFile] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -245,12 +278,21 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _unwrap(folder: Path) -> Path:
-    """Descends through single wrapping folders (``my_data/`` inside a zip, say)."""
+    """Descends through single wrapping folders (``my_data/`` inside a zip, say).
+
+    Only a folder that itself holds folders (or a labels CSV) is a wrapper: ``dataset/cats/*.jpg`` alone
+    is a dataset with one class (refused with that explanation), not a class-less folder of images.
+    """
     for _ in range(5):
         entries = [p for p in folder.iterdir() if not _is_junk(p.name)]
         dirs = [p for p in entries if p.is_dir() and not p.is_symlink()]
         files = [p for p in entries if p.is_file()]
-        if len(dirs) == 1 and not any(_is_image_name(f.name) or f.suffix.lower() == ".csv" for f in files):
+        if (
+            len(dirs) == 1
+            and not any(_is_image_name(f.name) or f.suffix.lower() == ".csv" for f in files)
+            and (_subdirs(dirs[0]) or any(f.suffix.lower() == ".csv" for f in dirs[0].iterdir() if f.is_file()))
+            and dirs[0].name.lower() not in SPLIT_NAMES
+        ):
             folder = dirs[0]
         else:
             break
@@ -315,11 +357,27 @@ def _rel(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
+        pass
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except (ValueError, OSError):
         return path.name
 
 
 def _read_csv_text(path: Path) -> tuple[str, str]:
     raw = path.read_bytes()
+    if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
+        raise DataError(
+            f"{path.name} is a spreadsheet workbook, not a CSV; in your spreadsheet use "
+            "'Save as' > 'CSV UTF-8' and give that file"
+        )
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode text" export
+        try:
+            return raw.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            pass
+    if b"\x00" in raw[:4096]:
+        raise DataError(f"{path.name} is not a text file; save the labels as 'CSV UTF-8' and give that file")
     for encoding in ("utf-8-sig", "cp1252", "latin-1"):
         try:
             return raw.decode(encoding), encoding
@@ -328,16 +386,25 @@ def _read_csv_text(path: Path) -> tuple[str, str]:
     raise DataError(f"{path.name} cannot be decoded as text; save it as UTF-8 CSV")  # pragma: no cover
 
 
-def _csv_candidates(csv_path: Path, root: Path, skipped: list[SkippedFile], notes: list[str]) -> list[_Candidate]:
-    text, encoding = _read_csv_text(csv_path)
-    if encoding != "utf-8-sig":
-        notes.append(f"{csv_path.name} is not UTF-8; it was read as {encoding}.")
+def _csv_rows(csv_path: Path, text: str) -> list[list[str]]:
     try:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
     except csv.Error:
         dialect = csv.excel
-    rows = list(csv.reader(io.StringIO(text), dialect))
-    rows = [r for r in rows if any(c.strip() for c in r)]
+    try:
+        rows = list(csv.reader(io.StringIO(text), dialect))
+    except csv.Error as exc:
+        raise DataError(
+            f"{csv_path.name} is not a readable CSV ({exc}); save it from your spreadsheet as 'CSV UTF-8'"
+        ) from exc
+    return [r for r in rows if any(c.strip() for c in r)]
+
+
+def _csv_candidates(csv_path: Path, root: Path, skipped: list[SkippedFile], notes: list[str]) -> list[_Candidate]:
+    text, encoding = _read_csv_text(csv_path)
+    if encoding not in ("utf-8-sig", "utf-16"):
+        notes.append(f"{csv_path.name} is not UTF-8; it was read as {encoding}.")
+    rows = _csv_rows(csv_path, text)
     if not rows:
         raise DataError(f"{csv_path.name} is empty; it needs a header row 'filename,label' and one row per image")
     header = [c.strip().lower() for c in rows[0]]
@@ -347,13 +414,14 @@ def _csv_candidates(csv_path: Path, root: Path, skipped: list[SkippedFile], note
         if len(header) >= 2 and _is_image_name(rows[0][0].strip()):
             file_col, label_col = 0, 1  # no header row: the first row is data
         else:
+            shown = ", ".join(c.strip() for c in rows[0])[:120]
             raise DataError(
-                f"{csv_path.name} has columns {', '.join(rows[0])}; it needs a file column "
-                f"({' / '.join(CSV_FILE_COLUMNS[:3])}) and a label column ({' / '.join(CSV_LABEL_COLUMNS[:3])})"
+                f"{csv_path.name} has the columns {shown}; rename its columns so that one is called "
+                f"{' / '.join(CSV_FILE_COLUMNS[:3])} (the image file) and one {' / '.join(CSV_LABEL_COLUMNS[:3])}"
             )
     else:
         rows = rows[1:]
-        extra = [rows_h for i, rows_h in enumerate(header) if i not in (file_col, label_col)]
+        extra = [h for i, h in enumerate(header) if i not in (file_col, label_col) and h]
         if extra:
             notes.append(f"{csv_path.name}: ignored the columns {', '.join(extra)}.")
     # Index files by name so CSVs that name bare files still find them in sub-folders (flattened uploads).
@@ -361,51 +429,95 @@ def _csv_candidates(csv_path: Path, root: Path, skipped: list[SkippedFile], note
     for f in _walk_files(root):
         by_name[f.name].append(f)
     root_resolved = root.resolve()
-    seen: set[tuple[str, str]] = set()
-    out = []
-    duplicated = 0
+    # Pass 1: resolve each row to a file (or skip it), keep its label as written.
+    rows_ok: list[tuple[str, Path, str, str]] = []  # (name as written, file, label, label as written)
     for row in rows:
         if len(row) <= max(file_col, label_col):
             skipped.append(SkippedFile(",".join(row)[:80], "bad_row", "the row has too few columns"))
             continue
-        name, label = row[file_col].strip(), " ".join(row[label_col].split())
+        name, raw_label = row[file_col].strip(), row[label_col]
+        label = " ".join(raw_label.split())
         if not name or not label:
             skipped.append(SkippedFile(name or ",".join(row)[:80], "bad_row", "the row has no file name or no label"))
             continue
-        if (name, label) in seen:
-            duplicated += 1
-            continue
-        seen.add((name, label))
-        rel = PurePosixPath(name.replace("\\", "/"))
-        if rel.is_absolute() or ".." in rel.parts:
-            skipped.append(SkippedFile(name, "unsafe_path", "the path leaves the dataset folder"))
-            continue
-        target = (root / rel).resolve()
-        if not target.is_relative_to(root_resolved):
-            skipped.append(SkippedFile(name, "unsafe_path", "the path leaves the dataset folder"))
-            continue
-        if not target.is_file():
-            matches = by_name.get(rel.name, [])
-            if len(matches) == 1:
-                target = matches[0]
-            else:
-                skipped.append(SkippedFile(name, "missing", "the CSV names a file that is not in the folder"))
-                continue
-        out.append(_Candidate(target, label, None))
-    if duplicated:
-        notes.append(f"{csv_path.name}: {duplicated} duplicated rows were counted once.")
-    # Labels that differ only by case are one class: keep the most common spelling.
+        target = _csv_target(name, root, root_resolved, by_name, skipped)
+        if target is not None:
+            rows_ok.append((name, target, label, raw_label))
+    # Labels that differ only by case or spacing are one class: keep the most common spelling (the first
+    # seen on a tie), so "Cat", "cat " and "CAT" do not make three classes.
     spellings: dict[str, Counter] = defaultdict(Counter)
-    for c in out:
-        spellings[c.label.casefold()][c.label] += 1
-    canonical = {}
+    written: dict[str, set[str]] = defaultdict(set)
+    for _, _, label, raw in rows_ok:
+        spellings[label.casefold()][label] += 1
+        written[label.casefold()].add(raw)
+    canonical: dict[str, str] = {}
     for key, counter in spellings.items():
         best = counter.most_common(1)[0][0]
-        if len(counter) > 1:
-            notes.append(f"labels {', '.join(repr(s) for s in sorted(counter))} differ only by case; merged as {best!r}.")
-        for s in counter:
-            canonical[s] = best
-    return [_Candidate(c.path, canonical[c.label], None) for c in out]
+        if len(written[key]) > 1:
+            shown = ", ".join(repr(w) for w in sorted(written[key]))
+            notes.append(f"labels {shown} differ only by upper/lower case or spaces; merged as {best!r}.")
+        canonical[key] = best
+    # Pass 2: one sample per file; repeated rows count once, a file with two labels is left out.
+    labels_of: dict[Path, list[str]] = defaultdict(list)
+    names_of: dict[Path, str] = {}
+    duplicated = 0
+    for name, target, label, _ in rows_ok:
+        label = canonical[label.casefold()]
+        if label in labels_of[target]:
+            duplicated += 1
+            continue
+        labels_of[target].append(label)
+        names_of.setdefault(target, name)
+    if duplicated:
+        notes.append(f"{csv_path.name}: {duplicated} repeated rows were counted once.")
+    out = []
+    for target, labels in labels_of.items():
+        if len(labels) > 1:
+            skipped.append(
+                SkippedFile(
+                    names_of[target], "conflicting_labels",
+                    f"the CSV gives it {len(labels)} labels ({', '.join(labels)}); keep one row for it",
+                )
+            )
+            continue
+        out.append(_Candidate(target, labels[0], None))
+    return out
+
+
+def _csv_target(
+    name: str, root: Path, root_resolved: Path, by_name: dict[str, list[Path]], skipped: list[SkippedFile]
+) -> Path | None:
+    """The file a CSV row names, looked for only inside ``root``; ``None`` (and a skip) if there is none."""
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if ".." in rel.parts:
+        skipped.append(
+            SkippedFile(name, "unsafe_path", "the path leaves the dataset folder ('..'); use paths inside it")
+        )
+        return None
+    absolute = rel.is_absolute() or (bool(rel.parts) and rel.parts[0].endswith(":"))  # /x or C:/x
+    target = None
+    if not absolute:
+        candidate = (root / rel).resolve()
+        if not candidate.is_relative_to(root_resolved):
+            skipped.append(SkippedFile(name, "unsafe_path", "the path leaves the dataset folder (a link?)"))
+            return None
+        if candidate.is_file():
+            target = candidate
+    if target is None:
+        # Paths from another computer (absolute, or relative to a different folder): the file of the same
+        # name inside this folder is meant, when there is exactly one.
+        matches = by_name.get(rel.name, [])
+        if len(matches) == 1:
+            target = matches[0].resolve()
+        elif matches:
+            skipped.append(
+                SkippedFile(name, "missing", f"{len(matches)} files are called {rel.name}; give its path in the folder")
+            )
+            return None
+        else:
+            skipped.append(SkippedFile(name, "missing", "the CSV names a file that is not in the folder"))
+            return None
+    return target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,6 +535,26 @@ def _safe_member_path(name: str) -> PurePosixPath | None:
     return p
 
 
+class _UploadRefused(DataError):
+    """A limit of the whole upload, or a full disk: it refuses the outer archive too, never just one member."""
+
+
+@dataclass
+class _Budget:
+    """What is left of the limits while an archive and the zips inside it are extracted."""
+
+    files: int
+    bytes: int
+    zips: int
+
+
+_ENCRYPTED = 0x1
+
+
+def _disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 def extract_zip(
     archive: str | os.PathLike | bytes,
     dest: str | os.PathLike,
@@ -430,95 +562,187 @@ def extract_zip(
     limits: Limits = Limits(),
     skipped: list[SkippedFile] | None = None,
     _depth: int = 0,
+    _budget: _Budget | None = None,
 ) -> Path:
     """Extracts an archive safely into ``dest``.
 
-    Members with absolute or ``..`` paths, symlinks, encrypted members, junk (``__MACOSX``,
-    ``.DS_Store``, ``Thumbs.db``, hidden files) and members over the compression-ratio limit are
-    skipped and reported. Zips inside the zip are extracted into a folder of their name (one level).
+    Everything is decided from the archive's directory before a byte is written: the file count, the
+    declared total size and every member's compression ratio (a zip bomb is refused whole; it is hostile,
+    not a photo). While extracting, the bytes actually written are counted too, so a member that lies
+    about its size cannot get past the limit.
+
+    Members with absolute or ``..`` paths, symlinks, encrypted members and members in a compression this
+    studio cannot read are skipped and reported; junk (``__MACOSX``, ``.DS_Store``, ``Thumbs.db``, hidden
+    files) is left out silently. Zips inside the zip are extracted into a folder of their name (one level
+    deep, at most ``limits.max_nested_zips`` of them, within the same limits as the outer archive).
 
     Raises:
-        DataError: if the file is not a zip, is damaged, is fully encrypted, or is over the limits.
+        DataError: if the file is not a zip, is damaged, is fully encrypted, is a zip bomb, is over the
+            limits, or the disk fills up.
     """
     skipped = [] if skipped is None else skipped
     dest = Path(dest)
     name = "upload.zip" if isinstance(archive, bytes) else Path(archive).name
+    budget = _budget or _Budget(limits.max_files, limits.max_total_bytes, limits.max_nested_zips)
     try:
         zf = zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive)
+    except FileNotFoundError as exc:
+        raise DataError(f"{name} does not exist; upload the archive again") from exc
     except zipfile.BadZipFile as exc:
-        raise DataError(f"{name} is not a valid zip archive ({exc}); re-create it with your system's 'Compress' command") from exc
-    except OSError as exc:
-        raise DataError(f"{name} cannot be read: {exc}") from exc
+        raise DataError(
+            f"{name} is not a valid zip archive ({exc}); re-create it with your system's 'Compress' command"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged directory can raise OSError, ValueError, struct.error...
+        raise DataError(
+            f"{name} is damaged and cannot be opened ({str(exc)[:100] or type(exc).__name__}); "
+            "re-create it with your system's 'Compress' command"
+        ) from exc
     with zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
-        if len(infos) > limits.max_files:
-            raise DataError(f"{name} holds {len(infos):,} files, over the limit of {limits.max_files:,}; upload fewer images")
-        declared = sum(i.file_size for i in infos)
-        if declared > limits.max_total_bytes:
+        _check_archive(name, infos, limits, budget)
+        useful = [i for i in infos if not _zip_junk(i.filename)]
+        if not useful:
             raise DataError(
-                f"{name} would extract to {declared / 1024**2:,.0f} MB, over the limit of "
-                f"{limits.max_total_bytes / 1024**2:,.0f} MB; upload a smaller archive"
+                f"{name} is empty (no files besides system files); put your class folders in it and upload it again"
             )
-        written = 0
-        encrypted = 0
+        if all(i.flag_bits & _ENCRYPTED for i in useful):
+            raise DataError(
+                f"{name} is password-protected; re-create the zip without a password "
+                "(the studio cannot ask for one)"
+            )
+        dest.mkdir(parents=True, exist_ok=True)
+        dest_resolved = dest.resolve()
         for info in infos:
             path = _safe_member_path(info.filename)
             if path is None:
                 skipped.append(SkippedFile(info.filename, "unsafe_path", "the archive path points outside the archive"))
                 continue
-            if any(_is_junk(part) for part in path.parts):
+            if _zip_junk(info.filename):
                 continue
             if _member_is_symlink(info):
                 skipped.append(SkippedFile(info.filename, "symlink", "links inside archives are not followed"))
                 continue
-            if info.flag_bits & 0x1:
-                encrypted += 1
-                skipped.append(SkippedFile(info.filename, "encrypted", "the file is password-protected"))
-                continue
-            if info.compress_size and info.file_size / info.compress_size > limits.max_ratio and info.file_size > 1024**2:
+            if info.flag_bits & _ENCRYPTED:
                 skipped.append(
-                    SkippedFile(info.filename, "zip_bomb", f"compressed {info.file_size / info.compress_size:,.0f}:1, over the limit")
+                    SkippedFile(info.filename, "encrypted", "the file is password-protected; add it without a password")
                 )
                 continue
             target = dest / path
-            if not target.resolve().is_relative_to(dest.resolve()):
+            if not target.resolve().is_relative_to(dest_resolved):
                 skipped.append(SkippedFile(info.filename, "unsafe_path", "the archive path points outside the archive"))
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(info) as src, open(target, "wb") as out:
-                    while chunk := src.read(1024 * 1024):
-                        written += len(chunk)
-                        if written > limits.max_total_bytes:
-                            raise DataError(f"{name} extracts to more than the limit of {limits.max_total_bytes / 1024**2:,.0f} MB")
-                        out.write(chunk)
-            except DataError:
-                raise
-            except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as exc:
-                target.unlink(missing_ok=True)
-                skipped.append(SkippedFile(info.filename, "damaged", f"the archive member is damaged ({exc})"))
+            if not _extract_member(zf, info, target, name, budget, skipped):
                 continue
             if target.suffix.lower() == ".zip":
-                if _depth >= 1:
-                    skipped.append(SkippedFile(info.filename, "nested_zip", "zips are opened one level deep only"))
-                else:
-                    inner = target.with_suffix("")
-                    inner_skipped: list[SkippedFile] = []
-                    try:
-                        extract_zip(target, inner, limits=limits, skipped=inner_skipped, _depth=_depth + 1)
-                    except DataError as exc:
-                        skipped.append(SkippedFile(info.filename, "bad_zip", str(exc)))
-                    skipped += [SkippedFile(f"{info.filename}/{s.path}", s.reason, s.detail) for s in inner_skipped]
-                    target.unlink()
-        if infos and encrypted == len(infos):
-            raise DataError(f"{name} is password-protected; re-create the zip without a password")
+                _extract_nested(target, info, limits, skipped, _depth, budget)
     return dest
 
 
-def zlib_error() -> type[Exception]:
-    import zlib
+def _zip_junk(name: str) -> bool:
+    return any(_is_junk(part) for part in PurePosixPath(name.replace("\\", "/")).parts)
 
-    return zlib.error
+
+def _check_archive(name: str, infos: list[zipfile.ZipInfo], limits: Limits, budget: _Budget) -> None:
+    """Refuses an archive from its directory alone: too many files, too many bytes, a zip bomb."""
+    if len(infos) > budget.files:
+        raise _UploadRefused(
+            f"{name} holds {len(infos):,} files, over the limit of {limits.max_files:,} files per upload "
+            "(max_files); upload fewer images, or split them into several datasets"
+        )
+    declared = sum(i.file_size for i in infos)
+    if declared > budget.bytes:
+        raise _UploadRefused(
+            f"{name} would extract to {_size_text(declared)}, over the limit of "
+            f"{_size_text(limits.max_total_bytes)} per upload (max_total_bytes); upload fewer or smaller images"
+        )
+    for info in infos:
+        # Deflate tops out near 1000:1 on zeros; photos barely compress. Tiny members are let through:
+        # their ratio says nothing and they cannot hurt.
+        if info.file_size > 1024**2 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+            raise _UploadRefused(
+                f"{name} looks like a zip bomb: {info.filename} would expand "
+                f"{info.file_size / max(info.compress_size, 1):,.0f} times to {_size_text(info.file_size)} "
+                f"(the limit is {limits.max_ratio:g} times, max_ratio); it was not extracted. "
+                "Re-create the zip with only your images"
+            )
+    budget.files -= len(infos)
+
+
+def _extract_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, name: str, budget: _Budget, skipped: list[SkippedFile]
+) -> bool:
+    """Streams one member to ``target``, counting bytes against the budget; False (and a skip) if it fails."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(target, "wb") as out:
+            while chunk := src.read(1024 * 1024):
+                budget.bytes -= len(chunk)
+                if budget.bytes < 0:
+                    raise _UploadRefused(
+                        f"{name} extracts to more than its stated size, over the limit (max_total_bytes); "
+                        "re-create the zip with your system's 'Compress' command"
+                    )
+                out.write(chunk)
+        return True
+    except DataError:
+        target.unlink(missing_ok=True)
+        raise
+    except OSError as exc:
+        if _disk_full(exc):
+            raise _UploadRefused(
+                f"the disk is full while extracting {name}; free some space (or choose another work folder) "
+                "and upload it again"
+            ) from exc
+        if target.is_file():
+            target.unlink()
+        if exc.errno in (errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.EILSEQ):
+            skipped.append(SkippedFile(info.filename, "bad_name", f"the file cannot be created here ({exc.strerror})"))
+        else:
+            skipped.append(SkippedFile(info.filename, "damaged", f"the archive member is damaged ({str(exc)[:100]})"))
+        return False
+    except NotImplementedError as exc:  # Deflate64, AES...: zipfile cannot decompress it
+        target.unlink(missing_ok=True)
+        skipped.append(
+            SkippedFile(
+                info.filename, "unsupported_compression",
+                f"{str(exc)[:80]}; re-create the zip with your system's 'Compress' command",
+            )
+        )
+        return False
+    except Exception as exc:  # noqa: BLE001 - BadZipFile (CRC), zlib.error, EOFError, RuntimeError (password)
+        target.unlink(missing_ok=True)
+        skipped.append(SkippedFile(info.filename, "damaged", f"the archive member is damaged ({str(exc)[:100]})"))
+        return False
+
+
+def _extract_nested(
+    target: Path, info: zipfile.ZipInfo, limits: Limits, skipped: list[SkippedFile], depth: int, budget: _Budget
+) -> None:
+    """Opens a zip found inside the zip in place (a folder of its name), within the outer limits."""
+    try:
+        if depth >= 1:
+            skipped.append(
+                SkippedFile(info.filename, "nested_zip", "zips are opened one level deep only; unzip it first")
+            )
+            return
+        if budget.zips <= 0:
+            skipped.append(
+                SkippedFile(info.filename, "nested_zip", f"more than {limits.max_nested_zips} zips inside the zip")
+            )
+            return
+        budget.zips -= 1
+        budget.bytes += target.stat().st_size  # the inner zip is deleted below: only its content counts
+        inner_skipped: list[SkippedFile] = []
+        try:
+            extract_zip(target, target.with_suffix(""), limits=limits, skipped=inner_skipped,
+                        _depth=depth + 1, _budget=budget)
+        except _UploadRefused:
+            raise
+        except DataError as exc:
+            skipped.append(SkippedFile(info.filename, "bad_zip", str(exc)))
+        skipped += [SkippedFile(f"{info.filename}/{s.path}", s.reason, s.detail) for s in inner_skipped]
+    finally:
+        target.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -530,31 +754,107 @@ def _hash_file(path: Path) -> str:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
-def _probe(candidate: _Candidate, limits: Limits) -> tuple[_Candidate, str | None, tuple[int, int, str] | None, ImageDecodeError | None]:
+@dataclass
+class _Probe:
+    candidate: _Candidate
+    digest: str | None = None
+    size: tuple[int, int] | None = None
+    format: str | None = None
+    error: ImageDecodeError | None = None
+    flag: tuple[str, str] | None = None  # (reason, detail) when the image is kept but looks wrong
+
+
+#: Images smaller than this on a side are flagged (thumbnails, icons, tracking pixels).
+TINY_SIDE = 32
+#: Share of pixels of one exact colour above which an image is flagged as blank or a placeholder.
+BLANK_SHARE = 0.9
+
+
+def _probe(candidate: _Candidate, limits: Limits) -> _Probe:
     path = candidate.path
+    out = _Probe(candidate)
     try:
-        digest = _hash_file(path)
+        out.digest = _hash_file(path)
     except OSError as exc:
-        return candidate, None, None, ImageDecodeError("unreadable", f"cannot read the file ({exc})")
+        out.error = ImageDecodeError("unreadable", f"cannot read the file ({exc.strerror or exc})")
+        return out
     try:
-        with Image.open(path) as im:
-            fmt = (im.format or "?").upper()
         # A full decode at a tiny JPEG draft scale finds truncated files for the price of a header read.
-        rgb = load_image(path, draft_size=32, max_pixels=limits.max_pixels)
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):
-                w, h = h, w
-        del rgb
+        rgb, out.format, out.size = decode_image(path, draft_size=32, max_pixels=limits.max_pixels)
     except ImageDecodeError as exc:
-        return candidate, digest, None, exc
-    except Exception as exc:  # noqa: BLE001 - Image.open's own failures: classify through load_image
+        out.error = exc
+        return out
+    w, h = out.size
+    if max(w, h) > limits.max_aspect * max(min(w, h), 1):
+        out.error = ImageDecodeError(
+            "bad_shape",
+            f"the image is {w}x{h} px, too long and thin to classify (over {limits.max_aspect:g}:1); crop it",
+        )
+        return out
+    if min(w, h) < TINY_SIDE:
+        out.flag = ("tiny", f"only {w}x{h} px: an icon or a thumbnail? It is blown up to the network's size")
+    else:
+        share = _dominant_colour_share(rgb)
+        if share >= BLANK_SHARE:
+            out.flag = ("blank", f"{share:.0%} of it is one colour: a blank image or an 'image not found' placeholder?")
+    return out
+
+
+def _dominant_colour_share(rgb: Image.Image) -> float:
+    """Share of the pixels that have exactly the most common colour (photos: noise keeps it low)."""
+    if rgb.width * rgb.height > 128 * 128:
+        rgb = rgb.resize((min(rgb.width, 128), min(rgb.height, 128)), Image.Resampling.NEAREST)
+    a = np.asarray(rgb, dtype=np.uint32).reshape(-1, 3)
+    codes = (a[:, 0] << 16) | (a[:, 1] << 8) | a[:, 2]
+    return float(np.unique(codes, return_counts=True)[1].max() / max(len(codes), 1))
+
+
+def _check_total_bytes(source: str, candidates: list[_Candidate], limits: Limits) -> None:
+    total = 0
+    for c in candidates:
         try:
-            load_image(path, max_pixels=limits.max_pixels)
-        except ImageDecodeError as err:
-            return candidate, digest, None, err
-        return candidate, digest, None, ImageDecodeError("unreadable", str(exc)[:120])
-    return candidate, digest, (w, h, fmt), None
+            total += c.path.stat().st_size
+        except OSError:
+            continue  # reported as unreadable by the probe
+        if total > limits.max_total_bytes:
+            raise DataError(
+                f"{source} holds more than {_size_text(limits.max_total_bytes)} of files, over the limit "
+                "(max_total_bytes); use fewer or smaller images (photos of 1-2 megapixels are plenty)"
+            )
+
+
+# What to do when nothing usable is left, by the most common reason files were skipped.
+_FIX_BY_REASON = {
+    "no_class": "put each class's images in its own sub-folder (e.g. cats/ and dogs/), or give a CSV with "
+    "filename,label columns",
+    "too_large": "downscale the images (e.g. to 4000 px on the long side) and upload them again",
+    "missing": "put the images the CSV names in the CSV's folder (or fix its file column)",
+    "unsupported": "convert the photos to JPEG or PNG and upload them again",
+    "unsupported_compression": "re-create the zip with your system's 'Compress' command",
+    "encrypted": "re-create the zip without a password",
+}
+_DECODE_REASONS = {"empty", "not_image", "truncated", "unreadable", "too_large", "bad_shape", "unsupported"}
+_DECODE_FIX = "upload JPEG or PNG photos (these files are damaged or are not images)"
+
+
+def _no_usable_message(source: str, classes: list[str], report: DataReport) -> str:
+    skipped = report.skipped
+    if classes:
+        found = f"only one class, '{classes[0]}', with {report.num_images} usable images"
+        fix = ("put each class's images in its own sub-folder next to it (e.g. cats/ and dogs/); "
+               "a classifier needs at least two classes")
+        if any(s.reason in _DECODE_REASONS for s in skipped):
+            fix = "replace the unreadable files below with JPEG or PNG photos, so that a second class has images"
+    else:
+        found = "no usable images"
+        top = Counter(s.reason for s in skipped if s.reason != "empty_class").most_common(1)
+        fix = _FIX_BY_REASON.get(top[0][0], _DECODE_FIX) if top else (
+            "put each class's images in its own sub-folder (e.g. cats/ and dogs/)")
+    why = ""
+    if skipped:
+        reasons = ", ".join(f"{n} {r}" for r, n in report.skipped_by_reason().items())
+        why = f" ({len(skipped)} files skipped: {reasons}; e.g. {skipped[0].path}: {skipped[0].detail})"
+    return " ".join(f"{source}: found {found}{why}. To fix it, {fix}.".split())
 
 
 def _scan(
@@ -570,32 +870,49 @@ def _scan(
     progress: Callable[[int, int], None] | None = None,
 ) -> ImageSet:
     if len(candidates) > limits.max_files:
-        raise DataError(f"{source} holds {len(candidates):,} files, over the limit of {limits.max_files:,}")
+        raise DataError(
+            f"{source} holds {len(candidates):,} files, over the limit of {limits.max_files:,} files per dataset "
+            "(max_files); use fewer images, or split them into several datasets"
+        )
+    _check_total_bytes(source, candidates, limits)
     images = []
     for c in candidates:
-        if _is_image_name(c.path.name):
-            images.append(c)
-        elif c.path.suffix.lower() in (".heic", ".heif"):
+        if c.path.suffix.lower() in (".heic", ".heif") and not HEIF_SUPPORTED:
             skipped.append(SkippedFile(_rel(c.path, root), "unsupported", "HEIC photos need the pillow-heif package"))
         else:
-            images.append(c)  # unknown extension: Pillow decides, so a PNG saved as .dat is still used
+            images.append(c)  # any other extension: Pillow decides, so a PNG saved as .dat is still used
     samples: list[Sample] = []
+    flagged: list[SkippedFile] = []
+    formats: Counter = Counter()
     workers = min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(workers) as pool:
-        for i, (c, digest, meta, err) in enumerate(pool.map(lambda c: _probe(c, limits), images), 1):
+        for i, probe in enumerate(pool.map(lambda c: _probe(c, limits), images), 1):
             if progress:
                 progress(i, len(images))
+            c, err = probe.candidate, probe.error
             rel = _rel(c.path, root)
             if err is not None:
                 if err.reason == "not_image" and not _is_image_name(c.path.name):
                     err = ImageDecodeError("not_image", f"not an image ({c.path.suffix or 'no extension'})")
                 skipped.append(SkippedFile(rel, err.reason, str(err)))
                 continue
-            assert digest is not None and meta is not None
-            samples.append(Sample(str(c.path), c.label, c.split, digest, meta[0], meta[1], rel))
-            c.format = meta[2]  # type: ignore[attr-defined]
-    formats = Counter(getattr(c, "format", None) for c in images if hasattr(c, "format"))
+            assert probe.digest is not None and probe.size is not None
+            samples.append(Sample(str(c.path), c.label, c.split, probe.digest, probe.size[0], probe.size[1], rel))
+            formats[probe.format] += 1
+            if probe.flag:
+                flagged.append(SkippedFile(rel, *probe.flag))
     samples.sort(key=lambda s: (s.label, s.split or "", s.relpath))
+    flagged.sort(key=lambda f: f.path)
+    for reason, one, many in (
+        ("blank", "looks blank or like a placeholder", "look blank or like placeholders"),
+        ("tiny", f"is under {TINY_SIDE} px on a side", f"are under {TINY_SIDE} px on a side"),
+    ):
+        hits = [f.path for f in flagged if f.reason == reason]
+        if len(hits) == 1:
+            notes.append(f"1 image {one} ({hits[0]}); check that it belongs in the dataset.")
+        elif hits:
+            shown = ", ".join(hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
+            notes.append(f"{len(hits)} images {many} ({shown}); check that they belong in the dataset.")
     classes = sorted({s.label for s in samples})
     counts = {c: 0 for c in classes}
     split_counts: dict[str, dict[str, int]] = defaultdict(lambda: {c: 0 for c in classes})
@@ -626,17 +943,10 @@ def _scan(
         skipped=skipped,
         duplicates=_find_duplicates(samples),
         notes=notes,
+        flagged=flagged,
     )
     if len(classes) < 2:
-        found = f"only the class '{classes[0]}'" if classes else "no usable images"
-        why = ""
-        if skipped:
-            reasons = ", ".join(f"{n} {r}" for r, n in report.skipped_by_reason().items())
-            why = f" ({len(skipped)} files skipped: {reasons})"
-        raise DataError(
-            f"{source}: found {found}{why}. A classifier needs at least two classes: put each class's images "
-            "in its own sub-folder (e.g. cats/ and dogs/), or give a CSV with filename,label columns."
-        )
+        raise DataError(_no_usable_message(source, classes, report))
     return ImageSet(root=root, samples=samples, classes=classes, report=report)
 
 
@@ -681,11 +991,31 @@ def load_dataset(
         DataError: the input cannot be used at all; the message says why and what to do.
     """
     path = Path(source).expanduser()
+    try:
+        return _load(path, work_dir=work_dir, limits=limits, progress=progress)
+    except OSError as exc:
+        # Permissions, a full disk, a folder that vanished mid-scan: one message, not a traceback.
+        if _disk_full(exc):
+            raise DataError(
+                f"the disk is full while reading {path.name}; free some space (or set a work folder on another "
+                "disk) and try again"
+            ) from exc
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise DataError(
+            f"{path.name} cannot be read: {exc.strerror or exc}{where}; check that the files are readable "
+            "and upload them again"
+        ) from exc
+
+
+def _load(
+    path: Path, *, work_dir: str | os.PathLike | None, limits: Limits, progress: Callable[[int, int], None] | None
+) -> ImageSet:
     if not path.exists():
         raise DataError(f"{path} does not exist; give a folder of class sub-folders, a .zip or a .csv")
     skipped: list[SkippedFile] = []
     notes: list[str] = []
-    if path.is_file() and (path.suffix.lower() == ".zip" or zipfile.is_zipfile(path)):
+    is_table = path.suffix.lower() in (".csv", ".tsv", ".txt")  # a workbook renamed .csv is a zip too
+    if path.is_file() and (path.suffix.lower() == ".zip" or (not is_table and zipfile.is_zipfile(path))):
         if not zipfile.is_zipfile(path):
             raise DataError(
                 f"{path.name} is not a zip archive (its content is something else); "
@@ -698,6 +1028,7 @@ def load_dataset(
             # Extract beside the destination, then rename: an interrupted extraction is never reused.
             shutil.rmtree(dest, ignore_errors=True)
             base.mkdir(parents=True, exist_ok=True)
+            _remove_stale_extractions(base)
             tmp = Path(tempfile.mkdtemp(dir=base, prefix=".extract-"))
             try:
                 extract_zip(path, tmp / "data", limits=limits, skipped=skipped)
@@ -722,7 +1053,7 @@ def load_dataset(
         candidates, layout = _folder_candidates(root, skipped)
         return _scan(root, candidates, source=path.name, source_kind="zip", layout=layout,
                      skipped=skipped, notes=notes, limits=limits, progress=progress)
-    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
+    if path.is_file() and is_table:
         root = path.parent
         return _scan(root, _csv_candidates(path, root, skipped, notes), source=path.name, source_kind="csv",
                      layout="csv", skipped=skipped, notes=notes, limits=limits, progress=progress)
@@ -732,6 +1063,17 @@ def load_dataset(
     candidates, layout = _folder_candidates(root, skipped)
     return _scan(root, candidates, source=path.name, source_kind="folder", layout=layout,
                  skipped=skipped, notes=notes, limits=limits, progress=progress)
+
+
+def _remove_stale_extractions(base: Path, max_age_s: float = 6 * 3600) -> None:
+    """Deletes temporary extraction folders left by a process that was killed mid-extraction."""
+    now = time.time()
+    for tmp in base.glob(".extract-*"):
+        try:
+            if now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _slug(text: str) -> str:
@@ -878,27 +1220,68 @@ class ImageCache:
                 arr = None
         if arr is None:
             self.misses += 1
-            arr = resized_array(sample.path, pre)
+            arr = self._decode(sample, pre)
             if self.persist:
                 self._write(path, arr)
         self._remember(key, arr)
         return arr
 
+    @staticmethod
+    def _decode(sample: Sample, pre: Preprocessing) -> np.ndarray:
+        """Decodes ``sample`` from the bytes the dataset check hashed, or says which file went wrong.
+
+        The file is read once, its hash compared with the one recorded by :func:`load_dataset`, and those
+        same bytes decoded: a file replaced after the check would otherwise be cached (here and in the
+        training feature cache) under the old content's key.
+        """
+        name = sample.relpath or Path(sample.path).name
+        again = "load the dataset again (it will be checked and the file skipped if it is unusable), then restart"
+        try:
+            data = Path(sample.path).read_bytes()
+        except FileNotFoundError as exc:
+            raise SampleReadError(
+                f"{name} was moved or deleted after the dataset was checked; {again}",
+                path=sample.path,
+                reason="missing",
+            ) from exc
+        except OSError as exc:
+            raise SampleReadError(
+                f"{name} cannot be read ({exc.strerror or exc}); {again}", path=sample.path, reason="unreadable"
+            ) from exc
+        if hashlib.blake2b(data, digest_size=16).hexdigest() != sample.digest:
+            raise SampleReadError(
+                f"{name} changed after the dataset was checked; {again}", path=sample.path, reason="changed"
+            )
+        # The check vetted this very content against the user's pixel limit, which may be above the default.
+        max_pixels = max(DEFAULT_MAX_PIXELS, sample.width * sample.height)
+        try:
+            return resized_array(data, pre, max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            raise SampleReadError(
+                f"{name} cannot be decoded: {exc}; {again}", path=sample.path, reason=exc.reason
+            ) from exc
+
     def _write(self, path: Path, arr: np.ndarray) -> None:
+        tmp: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.save(f, arr, allow_pickle=False)
             os.replace(tmp, path)
+            tmp = None
         except OSError as exc:
-            Path(locals().get("tmp", path.with_suffix(".tmp"))).unlink(missing_ok=True)
-            if exc.errno == 28:  # ENOSPC
+            if _disk_full(exc):
                 raise CacheError(
-                    exc.errno, f"the disk holding the cache ({self.directory}) is full; free space or set "
-                    "TRANSFER_STUDIO_CACHE to a folder on another disk"
+                    exc.errno,
+                    f"the disk holding the image cache ({self.directory}) is full; free some space or set "
+                    "TRANSFER_STUDIO_CACHE to a folder on a disk with room",
                 ) from exc
+            # Read-only or vanished cache folder: train on without caching rather than fail.
             logger.warning("cannot write image cache %s: %s", path, exc)
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def _remember(self, key: str, arr: np.ndarray) -> None:
         with self._lock:

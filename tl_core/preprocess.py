@@ -8,10 +8,13 @@ resize of the shorter side, centre crop, scale to [0, 1], normalise.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -96,8 +99,27 @@ def load_image(
         max_pixels: Larger declared images are refused, before their pixels are decoded.
 
     Raises:
-        ImageDecodeError: with ``reason`` one of ``empty``, ``not_image``, ``too_large``, ``truncated``,
-            ``unreadable``.
+        ImageDecodeError: with ``reason`` one of ``empty``, ``missing``, ``not_image``, ``too_large``,
+            ``truncated``, ``unreadable``. No other exception escapes for a bad file.
+    """
+    return decode_image(source, draft_size=draft_size, max_pixels=max_pixels)[0]
+
+
+def decode_image(
+    source: str | os.PathLike | bytes | BinaryIO,
+    *,
+    draft_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[Image.Image, str, tuple[int, int]]:
+    """:func:`load_image`, plus what a data check wants to know without opening the file again.
+
+    Returns:
+        ``(rgb, format, (width, height))``: the decoded image, Pillow's format name (``"?"`` if unknown)
+        and the full-resolution size as the file declares it, turned upright by its EXIF orientation
+        (the size of ``rgb`` is smaller when JPEG draft mode was used).
+
+    Raises:
+        ImageDecodeError: see :func:`load_image`.
     """
     if isinstance(source, bytes):
         if not source:
@@ -105,33 +127,86 @@ def load_image(
         fp: BinaryIO | str | os.PathLike = io.BytesIO(source)
     else:
         fp = source
-        if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
-            raise ImageDecodeError("empty", "the file is empty (0 bytes)")
+        if isinstance(source, (str, os.PathLike)):
+            try:
+                size = os.path.getsize(source)
+            except FileNotFoundError as exc:
+                raise ImageDecodeError("missing", "the file does not exist (moved or deleted?)") from exc
+            except OSError as exc:
+                raise ImageDecodeError("unreadable", f"the file cannot be read ({exc.strerror or exc})") from exc
+            if size == 0:
+                raise ImageDecodeError("empty", "the file is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_pixel_limit(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fp)
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageDecodeError(
-                    "too_large", f"the image declares {w}x{h} pixels, over the limit of {max_pixels:,}"
-                )
-            if draft_size and im.format == "JPEG":
-                # draft() keeps both sides >= the request, so ask for the shorter side on both axes.
-                scale = max(1, min(w, h) // draft_size)
-                im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
-            im.seek(0)
-            im.load()
+            with Image.open(fp) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageDecodeError(
+                        "too_large",
+                        f"the image declares {w}x{h} pixels, over the limit of {max_pixels:,}; "
+                        "downscale it (e.g. to 4000 px on the long side) and add it again",
+                    )
+                fmt = (im.format or "?").upper()
+                try:
+                    if im.getexif().get(0x0112) in (5, 6, 7, 8):
+                        w, h = h, w
+                except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+                    logger.debug("ignoring unreadable EXIF data")
+                if draft_size and im.format == "JPEG":
+                    # draft() keeps both sides >= the request, so ask for the shorter side on both axes.
+                    scale = max(1, min(im.size) // draft_size)
+                    im.draft("RGB", (max(1, im.size[0] // scale), max(1, im.size[1] // scale)))
+                im.seek(0)
+                im.load()
+                rgb = to_rgb(im)
+                if rgb is im:  # the file closes with ``im``: hand back an independent image
+                    rgb = im.copy()
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError("too_large", f"the image is too large to decode safely ({exc})") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as exc:
+        raise ImageDecodeError(
+            "too_large", f"the image is too large to decode safely ({str(exc)[:120]}); downscale it and add it again"
+        ) from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError("not_image", "not an image file (or a format this studio cannot read)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except FileNotFoundError as exc:
+        raise ImageDecodeError("missing", "the file does not exist (moved or deleted?)") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow plugins raise many types (struct.error, IndexError...)
         reason = "truncated" if "truncated" in str(exc).lower() else "unreadable"
-        raise ImageDecodeError(reason, f"the image cannot be decoded ({str(exc)[:120]})") from exc
-    return to_rgb(im)
+        raise ImageDecodeError(reason, f"the image cannot be decoded ({str(exc)[:120] or type(exc).__name__})") from exc
+    return rgb, fmt, (w, h)
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+_PILLOW_LIMIT_USERS = 0
+_PILLOW_DEFAULT_LIMIT = Image.MAX_IMAGE_PIXELS
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Lets Pillow open images up to ``max_pixels`` when that is above its own bomb guard.
+
+    Pillow's guard is one global (``Image.MAX_IMAGE_PIXELS``, ~89 MP, error at twice that): without
+    this, ``Limits(max_pixels=250_000_000)`` for 200-megapixel scans would still be refused. The
+    global is raised only while such a decode runs (counted, so overlapping threads restore it once);
+    every decode here checks its own ``max_pixels`` right after reading the header anyway.
+    """
+    global _PILLOW_LIMIT_USERS
+    base = _PILLOW_DEFAULT_LIMIT
+    if base is None or max_pixels <= base:
+        yield
+        return
+    with _PILLOW_LIMIT_LOCK:
+        _PILLOW_LIMIT_USERS += 1
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
+    try:
+        yield
+    finally:
+        with _PILLOW_LIMIT_LOCK:
+            _PILLOW_LIMIT_USERS -= 1
+            if _PILLOW_LIMIT_USERS == 0:
+                Image.MAX_IMAGE_PIXELS = base
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
