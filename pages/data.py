@@ -34,14 +34,14 @@ show_flash()
 if data is not None:
     report = data.report
     label = ws.origin["label"] if ws.origin else report.source
-    top = st.columns([6, 2, 2], vertical_alignment="center")
+    top = st.columns([5, 2, 2], vertical_alignment="center")
     top[0].markdown(f"**{md_escape(label)}** · {report.num_images:,} images in {len(data.classes)} classes")
     with top[1]:
         if st.button("Next: choose a model", type="primary", icon=":material/arrow_forward:", icon_position="right",
                      key="data_next_model", width="stretch"):
             go("model")
     with top[2]:
-        if st.button("Train now with defaults", icon=":material/bolt:", key="data_skip_to_train", width="stretch",
+        if st.button("Train with defaults", icon=":material/bolt:", key="data_skip_to_train", width="stretch",
                      help="The recommended settings (a frozen EfficientNet-Lite0) suit most small image sets."):
             go("train")
 
@@ -56,9 +56,8 @@ def _clear_uploaders() -> None:
     state.UPLOAD_NONCE.set(nonce + 1)
 
 
-def _add_batch(uploader_key: str) -> None:
+def _add_batch(files: list) -> None:
     """Saves the chosen images under the typed class (a callback: it may reset the widgets)."""
-    files = st.session_state.get(uploader_key) or []
     try:
         folder, n = add_batch(ws, state.BATCH_CLASS_NAME.get(), files)
         state.BATCH_CLASS_NAME.reset()
@@ -114,7 +113,7 @@ with st.expander("Add or replace images", expanded=data is None, icon=":material
                                      key=f"ts_batch_{nonce}")
         class_name = state.BATCH_CLASS_NAME.get().strip()
         st.button(f"Add {len(files or [])} images to this class", key="data_add_batch", type="primary",
-                  disabled=not files or not class_name, on_click=_add_batch, args=(f"ts_batch_{nonce}",))
+                  disabled=not files or not class_name, on_click=_add_batch, args=(files or [],))
         classes = batch_classes(ws)
         if classes:
             st.markdown("**Classes so far**")

@@ -30,7 +30,7 @@ everyday photos (ImageNet), and only teaches it *your* classes.
 """
     )
     st.markdown("**How it goes:** Data → Model → Train → Evaluate → Predict & Export.")
-    c1, c2 = st.columns(2)
+    c1, c2 = st.columns([3, 2])
     with c1:
         if st.button("Try it with the sample data", type="primary", icon=":material/rocket_launch:",
                      key="home_try_sample", width="stretch",

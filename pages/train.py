@@ -76,18 +76,19 @@ def progress_panel() -> None:
                   + (f" · about {seconds(p.epochs_eta)} left" if p.active and p.epoch else ""))
     st.progress(min(p.epoch_fraction, 1.0), text=epoch_text)
     m = st.columns(4)
-    best = max((r["val_accuracy"] for r in p.history), default=None)
-    m[0].metric("Best validation accuracy", percent(best))
+    latest = p.history[-1]["val_accuracy"] if p.history else None
+    m[0].metric("Validation accuracy", percent(latest), help="Of the latest epoch. The run keeps the epoch with the "
+                "lowest validation loss, which is usually, not always, the most accurate one.")
     m[1].metric("Epochs done", len(p.history))
-    m[2].metric("Time", seconds(p.elapsed) if p.active else "–")
+    m[2].metric("Time", seconds(p.elapsed if p.active else p.wall_seconds))
     m[3].metric("Device", p.device.upper())
-    if p.history or p.active:
+    if p.history:
         st.plotly_chart(training_curves(p.history, p.epochs), key="train_curves", config={"displayModeBar": False})
+    elif p.active:
+        st.caption("The curves of loss and accuracy appear here after the first epoch.")
     for msg in p.messages:
         st.caption(md_escape(msg))
 
-
-st.fragment(progress_panel, run_every=1.0 if active else None)()
 
 if snap is not None and not snap.active:
     if snap.status == "done":
@@ -95,17 +96,23 @@ if snap is not None and not snap.active:
             kept = ws.store.get(snap.run_id).metrics
         except Exception:  # noqa: BLE001 - a deleted run: the message alone is enough
             kept = {}
-        st.success(f"**Done.** {md_escape(snap.message)} Validation accuracy of the kept model: "
-                   f"**{percent(kept.get('val_accuracy'))}** (best epoch {kept.get('best_epoch', '–')}).",
-                   icon=":material/check_circle:")
-        if st.button("Next: see how good it is", type="primary", icon=":material/arrow_forward:",
-                     icon_position="right", key="train_next_evaluate"):
+        note = "" if snap.outcome == "completed" else f" {md_escape(snap.message)}"
+        done, nxt = st.columns([5, 2], vertical_alignment="center")
+        done.success(f"**Done in {seconds(snap.wall_seconds)}.** Validation accuracy of the kept model: "
+                     f"**{percent(kept.get('val_accuracy'))}** (epoch {kept.get('best_epoch', '–')} of "
+                     f"{kept.get('epochs_run', '–')}).{note}", icon=":material/check_circle:")
+        if nxt.button("Next: see how good it is", type="primary", icon=":material/arrow_forward:",
+                      icon_position="right", key="train_next_evaluate", width="stretch"):
             state.EVAL_RUN.set(snap.run_id)
             go("evaluate")
     elif snap.status == "failed":
         show_error(snap.message, hint="Change the settings on the Model page and start again.")
     elif snap.status == "cancelled":
         st.warning(md_escape(snap.message), icon=":material/cancel:")
+
+
+st.fragment(progress_panel, run_every=1.0 if active else None)()
+
 
 st.divider()
 st.subheader("Your trained models")

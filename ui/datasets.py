@@ -14,6 +14,9 @@ import unicodedata
 from pathlib import Path
 
 _UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+# Class names become folder names: only what a POSIX file name cannot hold is replaced, so a label
+# keeps the characters people typed (the studio runs on Linux; labels never reach another OS as paths).
+_UNSAFE_CLASS = re.compile(r"[\\/\x00-\x1f]")
 
 
 def safe_name(name: str, *, default: str = "file", limit: int = 120) -> str:
@@ -24,9 +27,9 @@ def safe_name(name: str, *, default: str = "file", limit: int = 120) -> str:
 
 
 def class_folder_name(label: str) -> str:
-    """The folder for a class typed by a person: its name with unsafe characters replaced."""
-    label = " ".join(str(label).split())
-    return safe_name(label, default="", limit=80)
+    """The folder for a class typed by a person: its name with path separators replaced."""
+    label = unicodedata.normalize("NFC", " ".join(str(label).split()))
+    return _UNSAFE_CLASS.sub("_", label).lstrip(".").strip()[:80]
 
 
 def _unique(folder: Path, name: str) -> Path:

@@ -86,7 +86,7 @@ def class_counts(counts: dict[str, int], split_counts: dict[str, dict[str, int]]
 
 def training_curves(history: Sequence[dict], epochs: int | None = None) -> go.Figure:
     """Training and validation loss, and validation accuracy, per epoch."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss (lower is better)", "Validation accuracy"))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1)
     df = pd.DataFrame(list(history))
     if len(df):
         fig.add_scatter(x=df["epoch"], y=df["train_loss"], name="training loss", mode="lines+markers",
@@ -96,9 +96,10 @@ def training_curves(history: Sequence[dict], epochs: int | None = None) -> go.Fi
         fig.add_scatter(x=df["epoch"], y=df["val_accuracy"], name="validation accuracy", mode="lines+markers",
                         line=dict(color=GREEN), row=1, col=2, showlegend=True)
     xmax = max(epochs or 1, int(df["epoch"].max()) if len(df) else 1)
-    fig.update_xaxes(title="epoch", range=[0.5, xmax + 0.5])
-    fig.update_yaxes(rangemode="tozero", row=1, col=1)
-    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=2)
+    xmin = min(1, int(df["epoch"].min())) if len(df) else 1  # fine-tuning records a head warm-up as epoch 0
+    fig.update_xaxes(title="epoch", range=[xmin - 0.5, xmax + 0.5])
+    fig.update_yaxes(rangemode="tozero", title="loss (lower is better)", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", title="validation accuracy", row=1, col=2)
     return _base(fig, height=320)
 
 
@@ -145,7 +146,7 @@ def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], *, normalised: 
         x=xs,
         y=ys,
         mode="markers",
-        marker=dict(symbol="square", size=size, opacity=0.01, color=DARK),
+        marker=dict(symbol="square", size=size, opacity=0, color=DARK),
         customdata=custom,
         hovertext=hover,
         hoverinfo="text",
@@ -242,25 +243,20 @@ def transfer_diagram_dot() -> str:
     """Graphviz DOT source of the transfer-learning picture on the Home page."""
     return """
 digraph G {
-  rankdir=LR; bgcolor="transparent"; nodesep=0.35; ranksep=0.45;
-  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=12, color="#cbd5e1", penwidth=1.2];
-  edge [color="#64748b", arrowsize=0.8];
-  img   [label="Your photo", fillcolor="#f8fafc"];
+  rankdir=LR; bgcolor="transparent"; nodesep=0.3; ranksep=0.35; fontname="Helvetica";
+  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11, color="#cbd5e1", penwidth=1.2,
+        margin="0.12,0.08"];
+  edge [color="#64748b", arrowsize=0.7];
+  img [label="Your\nphoto", fillcolor="#f8fafc"];
   subgraph cluster_bb {
-    label="Pretrained backbone (learnt from 1.2 million ImageNet photos)"; fontname="Helvetica"; fontsize=11;
-    style="rounded,dashed"; color="#94a3b8";
-    early [label="early layers\\nedges, colours", fillcolor="#e2e8f0"];
-    mid   [label="middle layers\\ntextures, parts", fillcolor="#e2e8f0"];
-    late  [label="late layers\\nobjects", fillcolor="#bfdbfe"];
+    label="Pretrained backbone\n(learnt from 1.2 million ImageNet photos)"; fontsize=11; fontcolor="#334155";
+    style="rounded,dashed"; color="#94a3b8"; margin=10;
+    early [label="early layers\nedges, colours\n\nfrozen", fillcolor="#e2e8f0"];
+    mid   [label="middle layers\ntextures, parts\n\nfrozen", fillcolor="#e2e8f0"];
+    late  [label="late layers\nwhole objects\n\nfrozen or\nfine-tuned", fillcolor="#dbeafe", color="#93c5fd"];
   }
-  head  [label="New head\\n(your classes)", fillcolor="#bbf7d0", color="#16a34a"];
-  out   [label="ants 93%\\nbees 7%", shape=note, fillcolor="#ffffff"];
+  head [label="new head\nyour classes\n\nalways learns", fillcolor="#dcfce7", color="#16a34a"];
+  out  [label="ant  93%\nbee   7%", shape=note, fillcolor="#ffffff"];
   img -> early -> mid -> late -> head -> out;
-  frozen [shape=plaintext, style="", label="frozen: kept as they are\\n(fast, needs few images)", fontcolor="#475569", fontsize=10];
-  tuned  [shape=plaintext, style="", label="fine-tuned: adjusted a little\\n(slower, needs more images)", fontcolor="#1d4ed8", fontsize=10];
-  frozen -> mid [style=dotted, arrowhead=none];
-  tuned -> late [style=dotted, arrowhead=none];
-  {rank=same; mid; frozen}
-  {rank=same; late; tuned}
 }
 """

@@ -43,10 +43,12 @@ def _static_status(ws) -> None:
         return
     snap = job.snapshot()
     if snap.status == "done":
-        acc = snap.history[-1]["val_accuracy"] if snap.history else None
-        best = max((r["val_accuracy"] for r in snap.history), default=None)
         st.markdown(":material/check_circle: Training finished")
-        st.caption(f"{percent(best if best is not None else acc)} best validation accuracy")
+        try:
+            kept = ws.store.get(snap.run_id).metrics.get("val_accuracy")
+            st.caption(f"{percent(kept)} validation accuracy")
+        except Exception:  # noqa: BLE001 - the run was deleted meanwhile
+            pass
     elif snap.status == "failed":
         st.markdown(":material/error: Training failed")
     elif snap.status == "cancelled":
@@ -61,6 +63,8 @@ def _live_status(ws) -> None:
         st.rerun()  # the whole app: pages update to show the finished run
     if snap.status == "queued":
         st.markdown(f":material/schedule: Waiting for a free trainer ({snap.queue_position} ahead)")
+    elif snap.status in ("preparing", "saving"):
+        st.markdown(f":material/model_training: {md_escape(snap.message or 'Preparing…')}")
     elif snap.phase == "features":
         st.markdown(":material/model_training: Reading the images…")
         st.progress(snap.features_fraction, text=f"about {seconds(snap.features_eta)} left")

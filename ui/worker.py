@@ -67,7 +67,8 @@ class TrainingProgress:
         history: One dict per finished epoch.
         messages: Notes from the engine.
         device: Device in use.
-        elapsed: Seconds since the job started.
+        elapsed: Seconds since the job started (while it runs).
+        wall_seconds: Seconds the whole job took (once it ended).
         uses_features: Whether the run trains on cached features (frozen backbone).
         run_id: The saved run, once ``done``.
         outcome: How the fit ended (``completed``, ``stopped``, ...), once ``done``.
@@ -92,6 +93,7 @@ class TrainingProgress:
     messages: tuple[str, ...] = ()
     device: str = "cpu"
     elapsed: float = 0.0
+    wall_seconds: float = float("nan")
     uses_features: bool = True
     run_id: str | None = None
     outcome: str | None = None
@@ -234,6 +236,7 @@ class TrainingJob:
         self._run_id: str | None = None
         self._outcome: str | None = None
         self._message = ""
+        self._wall_seconds = float("nan")
 
     # ---------------------------------------------------------------------------------------------
     # Control
@@ -292,6 +295,12 @@ class TrainingJob:
                 _SLOTS.release()
 
     def _train(self) -> None:
+        try:
+            self._train_inner()
+        finally:
+            self._set(wall_seconds=time.time() - self._started)
+
+    def _train_inner(self) -> None:
         from tl_core.backbones import BackboneError
         from tl_core.data import CacheError, DataError
         from tl_core.runs import RunError
@@ -370,6 +379,7 @@ class TrainingJob:
                 messages=self._messages,
                 device=self._device,
                 elapsed=(time.time() - self._started) if running else 0.0,
+                wall_seconds=self._wall_seconds,
                 uses_features=self._uses_features,
                 run_id=self._run_id,
                 outcome=self._outcome,

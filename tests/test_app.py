@@ -1,0 +1,515 @@
+"""The studio in Streamlit's AppTest: every page renders, the main flow runs, the worker behaves.
+
+No browser here (see test_browser.py): AppTest runs the real scripts in-process. Training runs in the
+real background thread; the tests wait for it through the session's workspace, then rerun the page,
+as the page's polling fragment would.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data" / "hymenoptera"
+
+
+@pytest.fixture(autouse=True)
+def studio_home(tmp_path, monkeypatch):
+    """Every test gets its own TRANSFER_STUDIO_HOME and an empty workspace registry."""
+    from ui.session import REGISTRY
+
+    home = tmp_path / "studio-home"
+    monkeypatch.setenv("TRANSFER_STUDIO_HOME", str(home))
+    yield home
+    for sid in REGISTRY.ids():
+        ws = REGISTRY.get(sid)
+        if ws is not None and ws.job is not None:
+            ws.job.stop()
+            ws.job.join(60)
+        REGISTRY.remove(sid)
+
+
+def new_app() -> AppTest:
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
+
+
+def workspace(at: AppTest):
+    from ui.session import REGISTRY
+
+    return REGISTRY.get(at.session_state["ts_session_id"])
+
+
+def assert_clean(at: AppTest) -> None:
+    """No exception and no error box on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    return at.switch_page(f"pages/{page}.py").run()
+
+
+def load_sample(at: AppTest) -> None:
+    from ui.datasets import use_sample
+
+    use_sample(workspace(at))
+
+
+def wait_for_job(at: AppTest, timeout: float = 600) -> None:
+    ws = workspace(at)
+    assert ws.job is not None, "no training job was started"
+    assert ws.job.join(timeout), "training did not finish in time"
+
+
+PAGES = ["home", "data", "model", "train", "evaluate", "predict"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_empty(page):
+    at = new_app().run()
+    goto(at, page)
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title, "every page has a title"
+    if page in ("train", "evaluate"):
+        # A page whose previous step is missing says so and offers a button to go there.
+        assert any(b.label.startswith("Go to") for b in at.button)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_data(page):
+    at = new_app().run()
+    load_sample(at)
+    goto(at, page)
+    assert_clean(at)
+
+
+def test_sidebar_shows_dataset_backbone_device_and_status():
+    at = new_app().run()
+    text = " ".join(m.value for m in at.sidebar.markdown)
+    assert "No images yet" in text and r"efficientnet\_lite0" in text and "CPU" in text
+    assert "Not trained yet" in text
+
+
+def test_refresh_keeps_the_dataset_and_the_sidebar_shows_it():
+    """A refresh is a new Streamlit session with the same ?sid=: it finds the same workspace.
+
+    (AppTest keeps the entrypoint's sidebar only on a session's first run, so the sidebar is checked
+    on the first run of the "refreshed" session.)
+    """
+    first = new_app().run()
+    load_sample(first)
+    again = new_app()
+    again.query_params["sid"] = first.session_state["ts_session_id"]
+    again.run()
+    assert_clean(again)
+    assert workspace(again) is workspace(first)
+    assert any("398 images" in c.value for c in again.sidebar.caption)
+
+
+def test_session_id_is_in_the_url_and_survives_page_switches():
+    at = new_app().run()
+    sid = at.session_state["ts_session_id"]
+    assert at.query_params.get("sid") in (sid, [sid])
+    goto(at, "model")
+    assert at.query_params.get("sid") in (sid, [sid])
+
+
+def test_home_sample_button_loads_data_and_opens_data_page():
+    at = new_app().run()
+    at.button(key="home_try_sample").click().run()
+    assert_clean(at)
+    assert [t.value for t in at.title] == ["Data"]
+    assert workspace(at).dataset.report.num_images == 398
+    assert [m.value for m in at.metric][:2] == ["398", "2"]
+
+
+def test_app_starts_with_sample_when_asked(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["app.py", "--sample"])
+    at = new_app().run()
+    assert_clean(at)
+    assert workspace(at).dataset is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Data sources and safety
+
+
+def _zip_of(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(folder.parent).as_posix())
+    return buf.getvalue()
+
+
+def test_zip_upload_with_a_bad_file_keeps_the_rest(tiny_dataset):
+    root = tiny_dataset({"cats": 4, "dogs": 4})
+    (root / "cats" / "broken.jpg").write_bytes(b"not really a jpeg")
+    at = new_app().run()
+    goto(at, "data")
+    at.segmented_control(key="ts_data_source").set_value("Zip file").run()
+    at.file_uploader[0].upload("pets.zip", _zip_of(root), "application/zip")
+    at.run()
+    assert_clean(at)
+    data = workspace(at).dataset
+    assert data is not None and data.report.num_images == 8
+    warnings = " ".join(w.value for w in at.warning)
+    assert "left out" in warnings and "not image" in warnings
+
+
+def test_not_a_zip_gives_a_readable_error():
+    at = new_app().run()
+    goto(at, "data")
+    at.segmented_control(key="ts_data_source").set_value("Zip file").run()
+    at.file_uploader[0].upload("photos.zip", b"this is not a zip at all", "application/zip")
+    at.run()
+    assert not at.exception
+    assert at.error and "zip" in at.error[0].value.lower()
+    assert workspace(at).dataset is None
+
+
+def test_images_by_class_with_hostile_names_render_as_text(tiny_dataset):
+    """Class names are user input: Markdown and HTML in them must show literally."""
+    root = tiny_dataset({"a": 3, "b": 3})
+    evil = "**bold** <img src=x onerror=alert(1)> [link](javascript:alert(1))"
+    at = new_app().run()
+    goto(at, "data")
+    at.segmented_control(key="ts_data_source").set_value("Images by class").run()
+    for label, folder in ((evil, "a"), ("plain", "b")):
+        at.text_input(key="ts_batch_class").input(label).run()
+        files = [(f.name, f.read_bytes(), "image/jpeg") for f in sorted((root / folder).iterdir())]
+        at.file_uploader[0].set_value(files)
+        at.run()
+        at.button(key="data_add_batch").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+    data = workspace(at).dataset
+    assert data is not None and evil in data.classes
+    for page in ("data", "evaluate", "train"):
+        goto(at, page)
+        assert not at.exception
+        for el in list(at.markdown) + list(at.caption) + list(at.success) + list(at.warning) + list(at.info):
+            body = el.value
+            # Any user label that reaches Markdown arrives escaped: no live tag, link or bold.
+            for live in (r"(?<!\\)<img", r"(?<!\\)\]\(javascript", r"(?<!\\)\*\*bold"):
+                assert not re.search(live, body), body
+
+
+def test_csv_plus_images_source(tiny_dataset):
+    root = tiny_dataset({"x": 3, "y": 3})
+    rows = ["filename,label"] + [f"{f.name},{f.parent.name}" for f in sorted(root.rglob("*.jpg"))]
+    at = new_app().run()
+    goto(at, "data")
+    at.segmented_control(key="ts_data_source").set_value("CSV + images").run()
+    at.file_uploader[0].upload("labels.csv", "\n".join(rows).encode(), "text/csv")
+    at.file_uploader[1].set_value([(f.name, f.read_bytes(), "image/jpeg") for f in sorted(root.rglob("*.jpg"))])
+    at.run()
+    at.button(key="data_load_csv").click().run()
+    assert_clean(at)
+    assert workspace(at).dataset.report.counts == {"x": 3, "y": 3}
+
+
+def test_split_controls_change_the_split():
+    from tl_core.data import split_dataset
+
+    at = new_app().run()
+    load_sample(at)
+    goto(at, "data")
+    at.checkbox(key="ts_honour_splits").uncheck().run()
+    at.slider(key="ts_val_fraction").set_value(0.3).run()
+    assert_clean(at)
+    assert at.session_state["ts_val_fraction"] == 0.3 and not at.session_state["ts_honour_splits"]
+    splits = split_dataset(workspace(at).dataset, val_fraction=0.3, honour_splits=False)
+    assert splits.source == "random"
+    assert any(f"{len(splits.val)} validation" in c.value for c in at.caption), "the page shows the split used"
+
+
+def test_strategy_change_sets_its_defaults_and_the_stage_picture():
+    at = new_app().run()
+    load_sample(at)
+    goto(at, "model")
+    at.radio(key="ts_strategy").set_value("partial").run()
+    assert_clean(at)
+    assert at.session_state["ts_epochs"] == 8 and at.session_state["ts_lr"] == 1e-3
+    assert at.session_state["ts_trainable_stages"] == 3
+    caption = " ".join(c.value for c in at.caption)
+    assert re.search(r"of \S+ parameters learn", caption)
+
+
+def test_offline_only_backbone_is_marked_and_fails_with_the_engine_message(monkeypatch):
+    """Choosing a backbone whose weights need a download says so; training then shows the engine's error."""
+    from tl_core.backbones import WeightsUnavailableError
+
+    def offline(name):
+        raise WeightsUnavailableError(f"cannot download the pretrained weights of {name}: URLError. Offline, "
+                                      "these backbones work now: efficientnet_lite0")
+
+    monkeypatch.setattr("ui.cache.pretrained_backbone", offline)
+    at = new_app().run()
+    load_sample(at)
+    goto(at, "model")
+    at.selectbox(key="ts_backbone").set_value("resnet18").run()
+    assert any("not on this server" in w.value for w in at.warning)
+    goto(at, "train")
+    at.button(key="train_start").click().run()
+    wait_for_job(at)
+    at.run()
+    assert not at.exception
+    assert at.error and "cannot download" in at.error[0].value.lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# The main flow
+
+
+@pytest.mark.slow
+def test_main_flow_sample_train_evaluate_export_predict():
+    at = new_app().run()
+    at.button(key="home_try_sample").click().run()
+    at.button(key="data_skip_to_train").click().run()
+    assert [t.value for t in at.title] == ["Train"]
+    goto(at, "model")
+    at.number_input(key="ts_epochs").set_value(10).run()
+    goto(at, "train")
+    at.button(key="train_start").click().run()
+    assert_clean(at)
+    wait_for_job(at)
+    at.run()
+    assert_clean(at)
+    assert any("Done" in s.value for s in at.success)
+    at.button(key="train_next_evaluate").click().run()
+    assert [t.value for t in at.title] == ["Evaluate"]
+    goto(at, "evaluate")
+    assert_clean(at)
+    accuracy = float(at.metric[0].value.rstrip("%")) / 100
+    assert accuracy > 0.8, "a frozen EfficientNet-Lite0 separates ants from bees"
+    assert at.get("plotly_chart"), "the confusion matrix is drawn"
+    assert len(at.get("plotly_chart")) >= 1
+
+    # Clicking a confusion-matrix cell is simulated with the fallback select boxes.
+    at.selectbox(key="ts_cm_true").set_value("bees").run()
+    at.selectbox(key="ts_cm_predicted").set_value("ants").run()
+    assert_clean(at)
+
+    # Grad-CAM views.
+    at.radio(key="eval_cam_view").set_value("A mistake").run()
+    assert_clean(at)
+    at.radio(key="eval_cam_view").set_value("Any image").run()
+    assert_clean(at)
+
+    # Export, then predict with the exported bundle as a returning user would.
+    goto(at, "predict")
+    assert_clean(at)
+    at.button(key="predict_export").click().run()
+    ws = workspace(at)
+    run_id = at.session_state["ts_predict_run"]
+    assert ws.exports[run_id].join(300)
+    at.run()
+    assert_clean(at)
+    assert at.get("download_button"), "the bundle can be downloaded"
+    bundle = (ws.exports_dir / f"{run_id}.zip").read_bytes()
+    ant = next((SAMPLE / "val" / "ants").iterdir()).read_bytes()
+    at.file_uploader(key="predict_images").upload("ant.jpg", ant, "image/jpeg")
+    at.run()
+    assert_clean(at)
+    assert any("sure" in m.value for m in at.markdown)
+
+    at.radio(key="ts_predict_source").set_value("bundle").run()
+    at.file_uploader(key="predict_bundle_upload").upload("model.zip", bundle, "application/zip")
+    at.run()
+    assert_clean(at)
+    assert ws.bundle is not None and ws.bundle.class_names == ["ants", "bees"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker
+
+
+def _tiny_job(tiny_dataset, store_root: Path, **config):
+    from tl_core.data import load_dataset, split_dataset
+    from tl_core.runs import RunStore
+    from tl_core.training import TrainConfig
+    from ui.worker import TrainingJob
+
+    data = load_dataset(tiny_dataset({"ants": 6, "bees": 6}))
+    cfg = TrainConfig(**{"epochs": 3, **config})
+    splits = split_dataset(data, val_fraction=0.34, seed=0)
+    return TrainingJob(data=data, splits=splits, config=cfg, store=RunStore(store_root))
+
+
+def test_worker_runs_in_a_thread_reports_progress_and_saves(tiny_dataset, tmp_path):
+    job = _tiny_job(tiny_dataset, tmp_path / "runs", epochs=5)
+    seen = []
+    job.start()
+    while job.alive:
+        seen.append(job.snapshot())
+        time.sleep(0.05)
+    final = job.snapshot()
+    assert final.status == "done", final.message
+    assert final.run_id and (tmp_path / "runs" / final.run_id / "run.json").is_file()
+    assert len(final.history) == 5 and final.epoch_fraction == 1.0 and final.features_fraction == 1.0
+    assert any(s.active for s in seen), "the snapshot was readable while the job ran"
+    assert final.wall_seconds > 0
+
+
+def test_worker_stop_keeps_the_best_epoch_so_far(tiny_dataset, tmp_path):
+    job = _tiny_job(tiny_dataset, tmp_path / "runs", epochs=3000)
+    job.start()
+    deadline = time.time() + 300
+    while job.snapshot().epoch < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    job.stop()
+    assert job.join(120)
+    final = job.snapshot()
+    assert final.status == "done" and final.outcome == "stopped", final.message
+    assert 3 <= len(final.history) < 3000
+
+
+def test_worker_cancel_before_any_epoch(tiny_dataset, tmp_path):
+    job = _tiny_job(tiny_dataset, tmp_path / "runs")
+    job.stop()  # Stop pressed before the thread even started
+    job.start()
+    assert job.join(120)
+    assert job.snapshot().status == "cancelled"
+    assert not any((tmp_path / "runs").glob("2*")), "nothing is saved for a cancelled run"
+
+
+def test_worker_waits_for_a_free_slot(tiny_dataset, tmp_path, monkeypatch):
+    import ui.worker
+
+    monkeypatch.setattr(ui.worker, "_SLOTS", threading.BoundedSemaphore(1))
+    ui.worker._SLOTS.acquire()  # another session's training holds the only slot
+    job = _tiny_job(tiny_dataset, tmp_path / "runs").start()
+    time.sleep(0.8)
+    snap = job.snapshot()
+    assert snap.status == "queued" and snap.queue_position == 0
+    ui.worker._SLOTS.release()
+    assert job.join(300)
+    assert job.snapshot().status == "done"
+
+
+def test_worker_error_becomes_a_message_not_a_crash(tiny_dataset, tmp_path):
+    from tl_core.backbones import BackboneError
+
+    job = _tiny_job(tiny_dataset, tmp_path / "runs")
+
+    def broken(name):
+        raise BackboneError(f"{name} cannot be built here; choose efficientnet_lite0")
+
+    job.load_backbone = broken
+    job.start()
+    assert job.join(60)
+    snap = job.snapshot()
+    assert snap.status == "failed" and "choose efficientnet_lite0" in snap.message
+
+
+def test_a_refresh_reattaches_to_the_running_job(tiny_dataset):
+    """A new Streamlit session with the same ?sid= finds the job still running and can stop it."""
+    from ui.session import REGISTRY, new_session_id
+
+    sid = new_session_id()
+    ws = REGISTRY.get_or_create(sid)
+    ws.job = _tiny_job(tiny_dataset, ws.runs_dir, epochs=3000)
+    ws.set_dataset(ws.job.data, kind="folder", path=ws.job.data.root, label="tiny")
+    ws.job.start()
+    while ws.job.snapshot().epoch < 2:
+        time.sleep(0.05)
+
+    at = new_app()
+    at.query_params["sid"] = sid
+    at.run()
+    assert at.session_state["ts_session_id"] == sid
+    goto(at, "train")
+    assert not at.exception
+    stop = at.button(key="train_stop")
+    assert not stop.disabled, "the page sees the run in progress"
+    assert at.button(key="train_start").disabled
+    assert any("epoch" in (p.proto.text or "") for p in at.get("progress"))
+    stop.click().run()
+    assert ws.job.join(120)
+    at.run()
+    assert_clean(at)
+    assert ws.job.snapshot().outcome == "stopped"
+    assert any("Done" in s.value for s in at.success)
+
+
+def test_two_sessions_are_isolated():
+    a = new_app().run()
+    load_sample(a)
+    b = new_app().run()
+    ws_a, ws_b = workspace(a), workspace(b)
+    assert ws_a.sid != ws_b.sid and ws_a.root != ws_b.root
+    assert ws_b.dataset is None
+    assert "No images yet" in " ".join(m.value for m in b.sidebar.markdown)
+    assert ws_a.root.parent == ws_b.root.parent and ws_a.root.is_dir() and ws_b.root.is_dir()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sessions, state keys, health findings
+
+
+def test_sweep_releases_workspaces_gone_for_the_grace_period(tmp_path):
+    from ui.session import WorkspaceRegistry, new_session_id
+
+    reg = WorkspaceRegistry(root=lambda: tmp_path / "sessions")
+    gone, alive = reg.get_or_create(new_session_id()), reg.get_or_create(new_session_id())
+    gone.touch("client-gone")
+    alive.touch("client-alive")
+    (gone.tmp / "upload.part").write_bytes(b"x")
+    now = time.time()
+    assert reg.sweep(lambda c: c == "client-alive", now=now, grace=60, ttl=3600) == []
+    assert reg.sweep(lambda c: c == "client-alive", now=now + 61, grace=60, ttl=3600) == [gone.sid]
+    assert reg.ids() == [alive.sid]
+    assert not gone.tmp.exists(), "temporary files go with the workspace"
+    assert gone.root.is_dir(), "runs stay until the folder's time to live"
+    reg.sweep(lambda c: True, now=now + 10_000, grace=60, ttl=3600)
+    assert not gone.root.exists() and alive.root.exists()
+
+
+def test_session_keys_are_declared_once_and_pages_use_no_raw_keys():
+    from ui import state
+
+    keys = state.all_keys()
+    assert len(keys) == len({k.name for k in keys.values()})
+    for path in [ROOT / "app.py", *(ROOT / "pages").glob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        assert "st.session_state[" not in text and "session_state.get(" not in text, path.name
+    with pytest.raises(ValueError):
+        state._declare(next(iter(keys)), None, "again")
+
+
+def test_health_findings_have_fixes(tiny_dataset):
+    from tl_core.data import load_dataset
+    from ui.report import findings
+
+    root = tiny_dataset({"big": 12, "small": 3})
+    (root / "big" / "empty.jpg").write_bytes(b"")
+    dup = next((root / "small").iterdir())
+    (root / "big" / "copy.jpg").write_bytes(dup.read_bytes())
+    found = findings(load_dataset(root).report)
+    titles = " | ".join(f.title for f in found)
+    assert "left out" in titles and "two different classes" in titles and "Unbalanced" in titles
+    assert all(f.fix for f in found if f.level in ("error", "warning"))
+
+
+def test_safe_names_and_markdown_escaping():
+    from ui.datasets import class_folder_name, safe_name
+    from ui.widgets import md_escape
+
+    assert safe_name("../../etc/passwd") == "passwd"
+    assert safe_name(".hidden") == "hidden"
+    assert class_folder_name("  a/b  c ") == "a_b c"
+    assert class_folder_name("<b>x:y</b>") == "<b>x:y<_b>"
+    assert md_escape("**x** <b>") == r"\*\*x\*\* \<b\>"
