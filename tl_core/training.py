@@ -369,10 +369,10 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _check_finite(loss: torch.Tensor, lr: float) -> None:
+def _check_finite(loss: torch.Tensor, lr: float, what: str = "training") -> None:
     if not torch.isfinite(loss):
         raise _Diverged(
-            f"the training loss became {loss.item()} (not a number): training diverged. "
+            f"the {what} loss became {loss.item()} (not a number): training diverged. "
             f"Try a lower learning rate (now {lr:g}; e.g. {lr / 10:g})."
         )
 
@@ -795,6 +795,9 @@ def fit(
             """Validates, appends the epoch to the history, keeps the best; True when it improved."""
             nonlocal best_state, best_val_probs
             val_loss, val_probs = validate()
+            # A finite training loss can still leave weights that overflow on validation (lr=1e9): that
+            # is divergence too, and such an epoch can never be "best" (it would leave no predictions).
+            _check_finite(torch.tensor(val_loss), cfg.lr, "validation")
             state.history.append(
                 {
                     "epoch": epoch,
