@@ -166,7 +166,8 @@ class RunStore:
             "format_version": RUN_FORMAT_VERSION,
             "run_id": run_id,
             "name": name or f"{cfg['backbone']} · {cfg['strategy']}",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # Microseconds: runs saved within one second must still list newest first.
+            "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             "config": cfg,
             "class_names": list(result.class_names),
             "num_classes": len(result.class_names),
