@@ -79,12 +79,19 @@ class Evaluation:
 
     def per_class(self) -> pd.DataFrame:
         """Precision, recall, F1 and support per class."""
-        p, r, f, s = precision_recall_fscore_support(self.y_true, self.y_pred, labels=self.labels, zero_division=0)
+        if not len(self.y_true):  # sklearn refuses empty input; metrics() reports n=0 the same way
+            p = r = f = np.zeros(len(self.labels))
+            s = np.zeros(len(self.labels), dtype=int)
+        else:
+            p, r, f, s = precision_recall_fscore_support(self.y_true, self.y_pred, labels=self.labels, zero_division=0)
         return pd.DataFrame({"class": self.class_names, "precision": p, "recall": r, "f1": f, "support": s.astype(int)})
 
     def confusion(self, normalize: bool = False) -> np.ndarray:
         """Rows are true classes, columns predicted; ``normalize`` divides each row by its total."""
-        cm = confusion_matrix(self.y_true, self.y_pred, labels=self.labels)
+        if not len(self.y_true):
+            cm = np.zeros((len(self.labels), len(self.labels)), dtype=np.int64)
+        else:
+            cm = confusion_matrix(self.y_true, self.y_pred, labels=self.labels)
         if not normalize:
             return cm
         totals = cm.sum(1, keepdims=True)
