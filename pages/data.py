@@ -176,7 +176,8 @@ with health:
     left, right = st.columns([3, 2], gap="large")
     with left:
         st.markdown("**Images per class**")
-        st.plotly_chart(class_counts(report.counts, report.split_counts or None), key="data_counts_chart")
+        st.plotly_chart(class_counts(report.counts, report.split_counts or None), key="data_counts_chart",
+                        config={"displayModeBar": False})
     with right:
         st.markdown("**Health report**")
         show = {"error": st.error, "warning": st.warning, "info": st.info, "success": st.success}
@@ -235,7 +236,7 @@ with split_tab:
                 "random": "random, the same share of every class"}.get(splits.source, splits.source)
         st.caption(f"Split: {kind}. {len(splits.train)} training, {len(splits.val)} validation, "
                    f"{len(splits.test)} test images.")
-        st.dataframe(split_table(splits, data.classes), hide_index=True, key="data_split_table")
+        st.dataframe(split_table(splits, data.classes), hide_index=True, key="data_split_table", width="content")
 
 with augment_tab:
     st.markdown("**Augmentation** shows the model slightly different versions of each training photo (cropped, "
@@ -263,5 +264,6 @@ with augment_tab:
         except Exception as exc:  # noqa: BLE001 - a preview must not break the page
             show_error(f"No preview for {Path(s.relpath).name}: {exc}")
             continue
-        st.caption(f"{md_escape(s.label)} — first: what the network sees without augmentation")
-        image_grid([(v, "") for v in views], columns=6)
+        st.markdown(f"**{md_escape(s.label)}**")
+        image_grid([(v, "as the network sees it" if k == 0 else f"variation {k}") for k, v in enumerate(views)],
+                   columns=6)

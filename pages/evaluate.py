@@ -80,8 +80,11 @@ with overview:
                     "see its images.")
         st.toggle("Show shares of each row instead of counts", **state.CONFUSION_NORMALISED.widget)
         normalised = state.CONFUSION_NORMALISED.get()
+        names = ev.class_names
+        picked = ((names.index(state.CELL_TRUE.get()), names.index(state.CELL_PREDICTED.get()))
+                  if state.CELL_TRUE.get() in names and state.CELL_PREDICTED.get() in names else None)
         event = st.plotly_chart(
-            confusion_matrix(ev.confusion(normalize=normalised), ev.class_names, normalised=normalised),
+            confusion_matrix(ev.confusion(normalize=normalised), names, normalised=normalised, selected=picked),
             key=f"eval_cm_{run.run_id}_{state.EVAL_SPLIT.get()}",
             on_select="rerun",
             selection_mode="points",
@@ -95,6 +98,7 @@ with overview:
                 state.CELL_LAST_CLICK.set(click)
                 state.CELL_TRUE.set(ev.class_names[int(i)])
                 state.CELL_PREDICTED.set(ev.class_names[int(j)])
+                st.rerun()  # redraw the matrix with the picked cell outlined
     with right:
         st.markdown("**Per class**")
         st.dataframe(ev.per_class(), hide_index=True, key="eval_per_class", column_config={
@@ -151,7 +155,8 @@ with looks_tab:
     else:
         st.markdown(cam.HOW_TO_READ)
         st.caption(cam.LIMITS)
-        st.selectbox("Method", list(cam.METHODS), format_func=lambda m: cam.METHOD_NAMES.get(m, m),
+        m1, m2 = st.columns([2, 3], vertical_alignment="bottom")
+        m1.selectbox("Method", list(cam.METHODS), format_func=lambda m: cam.METHOD_NAMES.get(m, m),
                      **state.CAM_METHOD.widget)
         method = state.CAM_METHOD.get()
         try:
@@ -160,8 +165,8 @@ with looks_tab:
             show_error(str(exc))
             model = None
         if model is not None:
-            view = st.radio("Show", ["A mistake", "Any image", "Class by class"], horizontal=True,
-                            key="eval_cam_view", label_visibility="collapsed")
+            view = m2.radio("Show", ["A mistake", "Any image", "Class by class"], horizontal=True,
+                            **state.CAM_VIEW.widget)
             if view == "A mistake":
                 worst = ev.top_losses(k=12, mistakes_only=True)
                 if worst.empty:

@@ -33,6 +33,7 @@ st.dataframe(
     table.drop(columns=["about"]),
     hide_index=True,
     key="model_backbone_table",
+    height=36 * (len(table) + 1) + 4,
     column_config={
         "params (M)": st.column_config.NumberColumn(help="Millions of learnt numbers (weights).", format="%.1f"),
         "ImageNet top-1 %": st.column_config.ProgressColumn(help="Accuracy on ImageNet's 1000 classes: a rough guide "

@@ -66,14 +66,24 @@ def progress_panel() -> None:
         st.info(p.message or "Preparing…", icon=":material/downloading:")
     if p.uses_features:
         st.markdown("**Step 1 · Reading the images through the frozen backbone** (the slow part, done once)")
-        feat_text = ("done" if p.features_fraction >= 1 else
-                     f"{p.features_fraction:.0%} · {p.features_per_sec:.0f} images/s · about {seconds(p.features_eta)} left")
+        if p.features_fraction >= 1:
+            feat_text = "done"
+        elif p.features_per_sec <= 0:
+            feat_text = "starting…"
+        else:
+            feat_text = (f"{p.features_fraction:.0%} · {p.features_per_sec:.0f} images/s · "
+                         f"about {seconds(p.features_eta)} left")
         st.progress(min(p.features_fraction, 1.0), text=feat_text)
         st.markdown("**Step 2 · Training the new head**")
     else:
         st.markdown("**Training** (every image goes through the whole network each epoch)")
-    epoch_text = (f"epoch {p.epoch} of {p.epochs}" + (f" · {p.images_per_sec:.0f} images/s" if p.images_per_sec else "")
-                  + (f" · about {seconds(p.epochs_eta)} left" if p.active and p.epoch else ""))
+    if p.epoch == 0:
+        epoch_text = "waiting for step 1" if p.uses_features else "starting…"
+    else:
+        # On cached features "images per second" would count feature vectors: only shown when fine-tuning.
+        epoch_text = (f"epoch {p.epoch} of {p.epochs}"
+                      + (f" · {p.images_per_sec:.0f} images/s" if p.images_per_sec and not p.uses_features else "")
+                      + (f" · about {seconds(p.epochs_eta)} left" if p.active else ""))
     st.progress(min(p.epoch_fraction, 1.0), text=epoch_text)
     m = st.columns(4)
     latest = p.history[-1]["val_accuracy"] if p.history else None
@@ -120,8 +130,11 @@ table = ws.store.table()
 if table.empty:
     st.caption("None yet. Each finished run is kept here, so you can compare them on the Evaluate page.")
 else:
+    table["created"] = table["created"].str.slice(0, 16).str.replace("T", " ")
+    columns = ["name", "val_accuracy", "balanced_accuracy", "macro_f1", "backbone", "strategy", "epochs", "seconds",
+               "status", "created", "data"]
     st.dataframe(
-        table.drop(columns=["run"]),
+        table[columns],
         hide_index=True,
         key="train_runs_table",
         column_config={

@@ -304,9 +304,9 @@ def test_main_flow_sample_train_evaluate_export_predict():
     assert_clean(at)
 
     # Grad-CAM views.
-    at.radio(key="eval_cam_view").set_value("A mistake").run()
+    at.radio(key="ts_cam_view").set_value("A mistake").run()
     assert_clean(at)
-    at.radio(key="eval_cam_view").set_value("Any image").run()
+    at.radio(key="ts_cam_view").set_value("Any image").run()
     assert_clean(at)
 
     # Export, then predict with the exported bundle as a returning user would.

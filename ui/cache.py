@@ -140,14 +140,14 @@ def backbone_table() -> pd.DataFrame:
         rows.append(
             {
                 "backbone": name,
-                "family": spec.family,
-                "params (M)": round(spec.params / 1e6, 1),
-                "ImageNet top-1 %": round(spec.imagenet_top1, 1),
-                "GFLOPs": spec.gflops,
-                "relative cost": round(spec.gflops / base, 1),
-                "weights MB": round(spec.weights_mb, 1),
-                "licence": spec.licence.split(";")[0],
                 "available": "ready offline" if ready else f"needs download ({spec.weights_mb:.0f} MB)",
+                "ImageNet top-1 %": round(spec.imagenet_top1, 1),
+                "relative cost": round(spec.gflops / base, 1),
+                "params (M)": round(spec.params / 1e6, 1),
+                "GFLOPs": spec.gflops,
+                "weights MB": round(spec.weights_mb, 1),
+                "licence": spec.licence.split(";")[0].split(" (")[0],
+                "family": spec.family,
                 "about": spec.description,
             }
         )

@@ -71,7 +71,7 @@ def class_counts(counts: dict[str, int], split_counts: dict[str, dict[str, int]]
                 name=SPLIT_NAMES.get(split, split),
                 marker_color=SPLIT_COLOURS.get(split, GREY),
             )
-        fig.update_layout(barmode="stack")
+        fig.update_layout(barmode="stack", legend_traceorder="normal")
     else:
         fig.add_bar(x=labels, y=[counts[c] for c in classes], marker_color=BLUE, name="images",
                     text=[counts[c] for c in classes], textposition="auto")
@@ -107,7 +107,9 @@ def training_curves(history: Sequence[dict], epochs: int | None = None) -> go.Fi
 # Evaluation
 
 
-def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], *, normalised: bool = False) -> go.Figure:
+def confusion_matrix(
+    cm: np.ndarray, class_names: Sequence[str], *, normalised: bool = False, selected: tuple[int, int] | None = None
+) -> go.Figure:
     """Confusion matrix heat map: rows are true classes, columns predicted ones.
 
     A transparent marker sits on every cell so a click selects it (Plotly heat maps themselves
@@ -156,6 +158,10 @@ def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], *, normalised: 
                      side="bottom", showgrid=False, zeroline=False, range=[-0.5, n - 0.5])
     fig.update_yaxes(title="true class", tickmode="array", tickvals=list(range(n)), ticktext=labels,
                      autorange="reversed", showgrid=False, zeroline=False)
+    if selected is not None:
+        i, j = selected
+        fig.add_shape(type="rect", x0=j - 0.48, x1=j + 0.48, y0=i - 0.48, y1=i + 0.48,
+                      line=dict(color=ORANGE, width=3))
     fig.update_layout(dragmode=False, clickmode="event+select")
     return _base(fig, height=max(320, min(720, 90 + 60 * n)))
 
@@ -243,13 +249,13 @@ def transfer_diagram_dot() -> str:
     """Graphviz DOT source of the transfer-learning picture on the Home page."""
     return """
 digraph G {
-  rankdir=LR; bgcolor="transparent"; nodesep=0.3; ranksep=0.35; fontname="Helvetica";
-  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11, color="#cbd5e1", penwidth=1.2,
-        margin="0.12,0.08"];
+  rankdir=LR; bgcolor="transparent"; nodesep=0.3; ranksep=0.45; fontname="Helvetica"; size="11,2.6";
+  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=13, color="#cbd5e1", penwidth=1.2,
+        margin="0.16,0.1"];
   edge [color="#64748b", arrowsize=0.7];
   img [label="Your\nphoto", fillcolor="#f8fafc"];
   subgraph cluster_bb {
-    label="Pretrained backbone\n(learnt from 1.2 million ImageNet photos)"; fontsize=11; fontcolor="#334155";
+    label="Pretrained backbone (learnt from 1.2 million ImageNet photos)"; fontsize=13; fontcolor="#334155";
     style="rounded,dashed"; color="#94a3b8"; margin=10;
     early [label="early layers\nedges, colours\n\nfrozen", fillcolor="#e2e8f0"];
     mid   [label="middle layers\ntextures, parts\n\nfrozen", fillcolor="#e2e8f0"];

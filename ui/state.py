@@ -131,6 +131,7 @@ CELL_TRUE = _declare("ts_cm_true", None, "True class of the confusion-matrix cel
 CELL_PREDICTED = _declare("ts_cm_predicted", None, "Predicted class of that cell.")
 CELL_LAST_CLICK = _declare("ts_cm_last_click", None, "The last chart click applied (so an old click does not win).")
 EVAL_SPLIT = _declare("ts_eval_split", "val", "Which split the Evaluate page shows: val or test.")
+CAM_VIEW = _declare("ts_cam_view", "A mistake", "Heat-map view: a mistake, any image, or class by class.")
 CAM_MISTAKE = _declare("ts_cam_mistake", 0, "Which mistake the heat-map view explains.")
 CAM_IMAGE = _declare("ts_cam_image", None, "Validation image picked for the heat-map view.")
 RENAME_TO = _declare("ts_rename_to", "", "New name typed for a run.")
