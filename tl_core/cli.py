@@ -191,6 +191,66 @@ def cmd_backbones(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .data import load_dataset
+    from .experiments import METHODS, compare_strategies
+    from .training import TrainingError
+
+    data = load_dataset(args.data, work_dir=args.work_dir)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=100, file=sys.stderr, leave=False, bar_format="compare {percentage:3.0f}%|{bar:20}| {desc}")
+
+    def progress(p) -> None:
+        if bar is not None:
+            bar.n = round(100 * p.fraction)
+            eta = "" if p.eta_seconds is None else f" (about {p.eta_seconds:.0f} s left)"
+            bar.set_description_str(f"{p.message[:70]}{eta}", refresh=True)
+
+    try:
+        comparison = compare_strategies(
+            data,
+            backbone=args.backbone,
+            budget_seconds=args.budget_seconds,
+            seed=args.seed,
+            finetune=args.finetune,
+            results_dir=args.results,
+            recompute=args.recompute,
+            val_fraction=args.val_fraction,
+            device=args.device,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not comparison.complete:
+        m = next(m for m in METHODS if m not in comparison.runs or comparison.runs[m].status in ("stopped", "failed"))
+        why = comparison.runs[m].message if m in comparison.runs else "it was stopped"
+        raise TrainingError(f"the {m} run did not finish ({why.rstrip('.')}); try a larger --budget-seconds")
+    if args.csv:
+        comparison.to_csv(args.csv)
+    payload = comparison.to_json()
+    lines = [
+        f"{args.backbone} on {data.report.source}: {comparison.budget_seconds:g} s per method, "
+        f"{comparison.runs['frozen'].summary['val_images']} validation images "
+        f"(always guessing the largest class: {comparison.chance_accuracy:.3f})",
+        f"{'method':<10} {'best val acc':>12} {'kept':>6} {'90% of best after':>18} {'epochs':>7} {'seconds':>8} {'trainable params':>17}",
+    ]
+    for name, row in payload.items():
+        t90 = "-" if row["seconds_to_90pct"] is None else f"{row['seconds_to_90pct']:.1f} s"
+        lines.append(
+            f"{name:<10} {row['best_val_accuracy']:>12.3f} {row['kept_val_accuracy']:>6.3f} {t90:>18} "
+            f"{row['epochs_run']:>7} {row['seconds']:>8.1f} {row['trainable_params']:>17,}"
+            + ("  (saved result)" if row["cached"] else "")
+        )
+    if args.csv:
+        lines.append(f"summary written to {args.csv}")
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser
 
@@ -231,6 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.add_argument("--json", action="store_true", help="last line of stdout is a JSON object")
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("compare", help="from scratch vs frozen vs fine-tuned, each under the same time budget")
+    data_arg(sp)
+    sp.add_argument("--backbone", default="efficientnet_lite0", help="see `python -m tl_core backbones`")
+    sp.add_argument("--budget-seconds", type=float, default=60.0, help="wall-clock seconds per method (default 60)")
+    sp.add_argument("--finetune", default="partial", choices=["partial", "full"], help="what the fine-tuned run trains")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--val-fraction", type=float, default=0.2)
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--results", help="folder of saved experiment results (default: in the cache folder)")
+    sp.add_argument("--recompute", action="store_true", help="ignore saved results and run again")
+    sp.add_argument("--csv", metavar="FILE.csv", help="also write the summary table as CSV")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--json", action="store_true", help="last line of stdout is a JSON object")
+    sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("backbones", help="list the backbones")
     sp.add_argument("--json", action="store_true")
