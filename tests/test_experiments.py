@@ -124,7 +124,10 @@ def _forbid_fit(monkeypatch) -> None:
 
 def _pool(counts: dict[str, int]) -> list[Sample]:
     return [
-        Sample(f"/x/{c}/{i}.jpg", c, None, f"{c}{i:04d}".ljust(32, "0"), 10, 10, f"{c}/{i}.jpg")
+        Sample(
+            path=f"/x/{c}/{i}.jpg", label=c, split=None, digest=f"{c}{i:04d}".ljust(32, "0"), width=10, height=10,
+            relpath=f"{c}/{i}.jpg",
+        )
         for c, n in counts.items()
         for i in range(n)
     ]
