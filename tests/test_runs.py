@@ -1,0 +1,170 @@
+"""Tests of :mod:`tl_core.runs`: saving, listing, reloading, renaming, deleting and comparing runs, and
+a store that stays readable when a write was interrupted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from corpus import make_class_folder
+from tl_core.backbones import build_backbone
+from tl_core.data import load_dataset
+from tl_core.runs import RunError, RunInfo, RunStore, load_evaluation, load_model
+from tl_core.training import TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two small fits on 6 ants and 6 bees (bundled Lite0 weights, cached features): ``(data, [results])``."""
+    data = load_dataset(make_class_folder(tmp_path_factory.mktemp("runs") / "data", {"ants": 6, "bees": 6}))
+    net = build_backbone("efficientnet_lite0")
+    results = [
+        fit(data, TrainConfig(epochs=epochs, batch_size=4, test_fraction=test), pretrained_module=net)
+        for epochs, test in ((2, 0.0), (3, 0.25))
+    ]
+    return data, results
+
+
+@pytest.fixture
+def store(tmp_path) -> RunStore:
+    return RunStore(tmp_path / "runs")
+
+
+def test_save_list_get(store, trained):
+    data, (result, _) = trained
+    path = store.save(result, data, name="first try")
+    assert path.parent == store.root and sorted(p.name for p in path.iterdir()) == [
+        "evaluation.json", "run.json", "weights.safetensors"]
+    runs, problems = store.list()
+    assert problems == [] and [r.run_id for r in runs] == [path.name]
+    info = store.get(path.name)
+    assert isinstance(info, RunInfo) and info.name == "first try" and info.path == path
+    meta = info.meta
+    assert meta["format"] == "transfer-studio-run" and meta["class_names"] == ["ants", "bees"]
+    assert info.config["backbone"] == "efficientnet_lite0" and info.config["epochs"] == 2
+    assert info.metrics["val_accuracy"] == result.evaluation.metrics()["accuracy"]
+    assert meta["data"]["fingerprint"] == data.fingerprint() and meta["data"]["num_images"] == 12
+    assert meta["preprocessing"]["input_size"] == 224 and "torch" in meta["versions"]
+    assert len(meta["history"]) == 2
+    assert not list(store.root.glob(".tmp-*")), "the temporary folder was left behind"
+
+
+def test_list_is_newest_first(store, trained):
+    data, (a, b) = trained
+    ids = [store.save(r, data).name for r in (a, b, a)]  # within the same second
+    runs, _ = store.list()
+    assert [r.run_id for r in runs] == ids[::-1]
+    table = store.table()
+    assert list(table["run"]) == ids[::-1]
+    assert list(table["epochs"]) == [2, 3, 2] and set(table["backbone"]) == {"efficientnet_lite0"}
+
+
+def test_load_model_predicts_like_the_trained_model(store, trained):
+    data, (_, result) = trained
+    path = store.save(result, data)
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        expected = result.model.eval()(x)
+        for source in (store.get(path.name), path):  # a RunInfo or a folder
+            model = load_model(source)
+            assert not model.training and model.strategy == "frozen" and model.num_classes == 2
+            torch.testing.assert_close(model(x), expected)
+
+
+def test_load_evaluation(store, trained):
+    data, (_, result) = trained
+    info = store.get(store.save(result, data).name)
+    for split, expected in (("val", result.evaluation), ("test", result.test_evaluation)):
+        ev = load_evaluation(info, split)
+        assert ev.split == split and ev.class_names == expected.class_names and ev.paths == expected.paths
+        np.testing.assert_array_equal(ev.y_true, expected.y_true)
+        np.testing.assert_allclose(ev.probs, expected.probs, atol=1e-6)
+        assert ev.metrics()["accuracy"] == expected.metrics()["accuracy"]
+    _, (no_test, _) = trained
+    other = store.get(store.save(no_test, data).name)
+    with pytest.raises(RunError, match="no stored test evaluation"):
+        load_evaluation(other, "test")
+
+
+def test_rename_and_delete(store, trained):
+    data, (result, _) = trained
+    keep, gone = store.save(result, data).name, store.save(result, data).name
+    store.rename(keep, "  best   so far ")
+    assert store.get(keep).name == "best so far"
+    with pytest.raises(RunError, match="empty"):
+        store.rename(keep, "   ")
+    store.delete(gone)
+    runs, problems = store.list()
+    assert [r.run_id for r in runs] == [keep] and problems == []
+    assert sorted(p.name for p in store.root.iterdir()) == [keep], "deleting left something behind"
+    with pytest.raises(RunError):
+        store.get(gone)
+    with pytest.raises(RunError):
+        store.delete(gone)
+
+
+def test_compare(store, trained):
+    data, (a, b) = trained
+    ida = store.save(a, data, name="two epochs").name
+    idb = store.save(b, data, name="three epochs").name
+    idc = store.save(b, data, name="three epochs").name
+    table = store.compare([ida, idb, idc])
+    assert list(table.columns) == ["two epochs", "three epochs", idc]  # a repeated name falls back to the id
+    assert table.loc["epochs", "two epochs"] == 2 and table.loc["epochs", "three epochs"] == 3
+    assert table.loc["backbone", "two epochs"] == "efficientnet_lite0"
+    assert table.loc["val accuracy", "three epochs"] == b.evaluation.metrics()["accuracy"]
+    assert {"strategy", "lr", "macro F1", "seconds", "trainable params", "device"} <= set(table.index)
+
+
+def test_interrupted_writes_leave_the_store_readable(store, trained):
+    data, (result, _) = trained
+    good = store.save(result, data).name
+    root = store.root
+    # A save killed before its rename: a hidden temporary folder with part of a run.
+    (root / ".tmp-k3l1x9").mkdir()
+    shutil.copy(root / good / "weights.safetensors", root / ".tmp-k3l1x9")
+    # A run folder without run.json, one with garbage in it, one without weights, and a stray file.
+    no_meta = root / "20240101-120000-efficientnet_lite0-frozen-aaaaaa"
+    no_meta.mkdir()
+    shutil.copy(root / good / "weights.safetensors", no_meta)
+    garbage = root / "20240101-120001-efficientnet_lite0-frozen-bbbbbb"
+    shutil.copytree(root / good, garbage)
+    (garbage / "run.json").write_text('{"format": "transfer-studio-run", "run_id": ', encoding="utf-8")
+    no_weights = root / "20240101-120002-efficientnet_lite0-frozen-cccccc"
+    shutil.copytree(root / good, no_weights)
+    (no_weights / "weights.safetensors").unlink()
+    (root / "notes.txt").write_text("not a run")
+    runs, problems = store.list()
+    assert [r.run_id for r in runs] == [good]
+    assert len(problems) == 3
+    for folder, what in ((no_meta, "no run.json"), (garbage, "damaged"), (no_weights, "no weights")):
+        assert any(folder.name in p and what in p for p in problems), (folder.name, problems)
+    assert list(store.table()["run"]) == [good]
+    with pytest.raises(RunError, match="damaged"):
+        store.get(garbage.name)
+    assert store.get(good).name
+
+
+@pytest.mark.parametrize("bad", ["../x", "..", "", "/etc", "a/b", "20240101-120000-x-y-zzzzzz/..", None, 3])
+def test_path_of_refuses_ids_that_leave_the_store(store, bad):
+    with pytest.raises(RunError):
+        store.path_of(bad)
+
+
+def test_missing_store_lists_nothing(tmp_path):
+    assert RunStore(tmp_path / "nowhere").list() == ([], [])
+    with pytest.raises(RunError, match="no run"):
+        RunStore(tmp_path / "nowhere").get("20240101-120000-efficientnet_lite0-frozen-aaaaaa")
+
+
+def test_run_json_is_plain_json(store, trained):
+    data, (result, _) = trained
+    path = store.save(result, data)
+    meta = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    assert meta["run_id"] == path.name and meta["num_classes"] == 2
+    assert meta["strategy"] == {"name": "frozen", "trainable_stages": 0}
