@@ -249,6 +249,13 @@ def test_stop_keeps_finished_runs_and_saves_no_partial_run(data, net, tmp_path, 
     assert nothing.stopped and nothing.runs == {}
 
 
+def test_compare_reports_a_budget_too_small_for_one_epoch(data, tmp_path):
+    result = compare_strategies(data, budget_seconds=0.001, methods=("scratch",), results_dir=tmp_path)
+    assert not result.complete and not result.stopped and "scratch" not in result.runs
+    assert "budget" in result.failures["scratch"]
+    assert not list(tmp_path.rglob("*.json"))
+
+
 def test_compare_refuses_bad_arguments(data):
     with pytest.raises(ExperimentError, match="unknown method"):
         compare_strategies(data, methods=("frozen", "magic"))
@@ -424,6 +431,10 @@ def test_cli_compare_errors_are_one_readable_line(tmp_path, data_dir, capsys):
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
     assert proc.stdout.strip() == ""
-    assert main(["compare", str(data_dir), "--budget-seconds", "0", "--quiet"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:")
+    for budget in ("0", "0.001"):  # refused, then too small for one epoch
+        args = ["compare", str(data_dir), "--budget-seconds", budget, "--results", str(tmp_path / "r"), "--quiet", "--json"]
+        assert main(args) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+        assert captured.out.strip() == ""

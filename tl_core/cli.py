@@ -227,7 +227,7 @@ def cmd_compare(args) -> int:
             bar.close()
     if not comparison.complete:
         m = next(m for m in METHODS if m not in comparison.runs or comparison.runs[m].status in ("stopped", "failed"))
-        why = comparison.runs[m].message if m in comparison.runs else "it was stopped"
+        why = comparison.failures.get(m) or (comparison.runs[m].message if m in comparison.runs else "it was stopped")
         raise TrainingError(f"the {m} run did not finish ({why.rstrip('.')}); try a larger --budget-seconds")
     if args.csv:
         comparison.to_csv(args.csv)

@@ -44,7 +44,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -439,10 +439,13 @@ def _run_fit(
             pretrained_module=pretrained if cfg.weights == "pretrained" else None,
         )
     except TrainingError as exc:
+        # Not logged as a warning: the result carries the reason and the caller reports it once.
         stopped = stop is not None and stop.is_set()
-        if not stopped:
-            logger.warning("%s failed: %s", label, exc)
-        return RunResult(name, _config_payload(cfg), [], {}, "stopped" if stopped else "failed", str(exc))
+        message = str(exc).rstrip(".")
+        if not stopped and state.out_of_time:
+            message = f"not one epoch finished within the budget of {cfg.max_seconds:g} s"
+        logger.info("%s ended without a result: %s", label, message)
+        return RunResult(name, _config_payload(cfg), [], {}, "stopped" if stopped else "failed", message)
     history = []
     for i, row in enumerate(result.history):
         row = dict(row)
@@ -488,6 +491,8 @@ class StrategyComparison:
         chance_accuracy: Accuracy of always guessing the most common validation class.
         methods: The methods asked for.
         stopped: Whether a stop request cut the experiment short.
+        failures: Method name to why its run ended without a result (e.g. a budget too small for one
+            batch); such a method has no entry in ``runs``.
     """
 
     runs: dict[str, RunResult]
@@ -497,6 +502,7 @@ class StrategyComparison:
     chance_accuracy: float
     methods: tuple[str, ...] = METHODS
     stopped: bool = False
+    failures: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -674,11 +680,13 @@ def compare_strategies(
                 callbacks=callbacks, image_cache=image_cache, feature_cache=fresh, pretrained=pretrained,
             )
         if run.status in ("stopped", "failed"):
-            result.stopped = result.stopped or run.status == "stopped"
             if run.history:
                 result.runs[m] = run  # shown, never saved
             if run.status == "stopped":
+                result.stopped = True
                 break
+            result.failures[m] = run.message
+            tracker.finish(f"{m.capitalize()} failed: {run.message}")
             continue
         store.put("strategies", fingerprint, m, keys[m], {**run.to_record(), "settings": {"backbone": backbone, "budget_seconds": budget_seconds}, "created": _now()})
         result.runs[m] = run
