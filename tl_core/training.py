@@ -873,6 +873,11 @@ def fit(
         message = "Interrupted; the best model so far is kept."
     if not state.history:
         events("fit_end")
+        if status in ("stopped", "time_budget"):
+            # Their messages promise "the best model so far is kept": with no epoch there is none.
+            message = f"{message.split(';')[0]} before the first epoch finished, so there is no model to keep" + (
+                "; allow more time" if status == "time_budget" else ""
+            )
         raise TrainingError(message or "training ended before the first epoch finished")
     tracked.load_state_dict(best_state)
     model.cpu().eval()
