@@ -76,6 +76,17 @@ def test_load_model_predicts_like_the_trained_model(store, trained):
             torch.testing.assert_close(model(x), expected)
 
 
+def test_load_model_of_a_fine_tuned_run_with_a_hidden_layer(store, trained):
+    data, _ = trained
+    config = TrainConfig(strategy="partial", trainable_stages=2, hidden=8, epochs=1, batch_size=4, head_warmup=0)
+    result = fit(data, config, pretrained_module=build_backbone("efficientnet_lite0"))
+    model = load_model(store.get(store.save(result, data).name))
+    assert (model.strategy, model.trainable_stages, model.head_config.hidden) == ("partial", 2, 8)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), result.model.eval()(x))
+
+
 def test_load_evaluation(store, trained):
     data, (_, result) = trained
     info = store.get(store.save(result, data).name)

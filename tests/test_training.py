@@ -161,8 +161,11 @@ def test_stop_request_is_honoured_within_one_batch(data, lite0, cache):
 def test_stop_before_the_first_epoch_is_an_error(data, lite0, cache):
     state = TrainState(config=TrainConfig())
     state.request_stop()
-    with pytest.raises(TrainingError):
+    with pytest.raises(TrainingError) as err:
         run(data, lite0, cache, state=state, epochs=2)
+    assert "before the first epoch" in str(err.value) and "best model so far" not in str(err.value)
+    with pytest.raises(TrainingError, match="time budget.*before the first epoch.*allow more time"):
+        run(data, lite0, cache, epochs=2, max_seconds=1e-9)
 
 
 def test_early_stopping(data, lite0, cache):
