@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import io
 import os
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -85,16 +84,22 @@ _MODELS: dict[str, TransferModel] = {}
 
 
 @pytest.fixture(scope="module")
-def model_cache():
-    """Builds each backbone once; keeps one at a time, since VGG-16 and ViT-B/16 are large."""
+def model_cache(random_net):
+    """One TransferModel per backbone, shared by its strategies; one at a time, as VGG-16 and ViT are large.
+
+    Random networks come from the session's ``random_net`` (built once for all test modules) and are
+    copied, never changed; EfficientNet-Lite0 uses its bundled weights.
+    """
 
     def get(name: str) -> TransferModel:
         if name not in _MODELS:
             _MODELS.clear()
             gc.collect()
             torch.manual_seed(0)
-            weights = "pretrained" if name == "efficientnet_lite0" else "random"
-            _MODELS[name] = build_model(name, 2, weights=weights)
+            if name == "efficientnet_lite0":
+                _MODELS[name] = build_model(name, 2, weights="pretrained")
+            else:
+                _MODELS[name] = build_model(name, 2, pretrained_module=random_net(name))
         return _MODELS[name]
 
     yield get
@@ -125,6 +130,9 @@ def test_explain_every_backbone(name, strategy, model_cache, val_image):
     assert e.target == e.predicted  # no target given: the predicted class
     assert _state(model) == before
     assert _hook_count(model) == 0
+    if model.spec.cam_reshape == "vit" and strategy == "frozen":
+        with pytest.raises(ValueError, match="224px"):
+            explain(model, val_image, preprocessing=Preprocessing(64, 64, (0.5,) * 3, (0.5,) * 3))
 
 
 def test_every_method_and_bytes_input():
@@ -187,18 +195,16 @@ def test_hooks_released_and_memory_flat():
     for _ in range(5):  # warm-up: allocator pools, lazy imports, caches
         explain(model, im, preprocessing=pre)
     gc.collect()
-    rss0 = _rss_bytes()
-    tracemalloc.start()
-    snap0 = tracemalloc.take_snapshot()
+    rss0, objects0 = _rss_bytes(), len(gc.get_objects())
     for i in range(50):
         explain(model, im, preprocessing=pre, method=METHODS[i % len(METHODS)])
         assert _hook_count(model) == 0
     gc.collect()
-    snap1 = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    py_growth = sum(s.size_diff for s in snap1.compare_to(snap0, "filename"))
+    # gc objects catch Python-side leaks (CAM objects, hook closures); RSS catches retained autograd
+    # graphs and tensors, which live in C++ (about 1 MB per call here if the graph were kept).
+    object_growth = len(gc.get_objects()) - objects0
     rss_growth = _rss_bytes() - rss0
-    assert py_growth < 512 * 1024, f"Python heap grew by {py_growth} bytes over 50 calls"
+    assert object_growth < 500, f"{object_growth} more live Python objects after 50 calls"
     assert rss_growth < 40 * 2**20, f"RSS grew by {rss_growth / 2**20:.1f} MiB over 50 calls"
 
 
@@ -279,7 +285,8 @@ def _fit_head(model: TransferModel, per_class: int = 60, steps: int = 100) -> No
             ys.append(label)
     model.backbone.eval()
     with torch.no_grad():
-        feats = torch.cat([model.backbone(torch.stack(xs[i : i + 32])) for i in range(0, len(xs), 32)])
+        # Small batches: on a CPU, batches of 32 at 224 px spill the caches and run twice as slow per image.
+        feats = torch.cat([model.backbone(torch.stack(xs[i : i + 4])) for i in range(0, len(xs), 4)])
     y = torch.tensor(ys)
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.head.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -315,7 +322,8 @@ def test_gradcam_is_faithful_on_pasted_insects():
             im, box = _composite(photo, rng)
             e = explain(model, im, target=label)
             area_share = (box[2] - box[0]) * (box[3] - box[1]) / (im.width * im.height)
-            ratios.append(mass_in_box(e.heatmap, box) / area_share)
+            # An empty map (no positive evidence anywhere) counts as no mass in the box.
+            ratios.append(np.nan_to_num(mass_in_box(e.heatmap, box)) / area_share)
             drop_top, drop_rand = deletion_score(model, im, e.heatmap, label, fraction=0.2, seed=len(ratios))
             salient.append(drop_top)
             random.append(drop_rand)

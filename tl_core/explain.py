@@ -14,10 +14,10 @@ for every registered backbone, ViT included:
 * ``eigencam``: first principal component of the activations. It uses no gradients and therefore
   ignores ``target``: it shows what the layer responds to most, whatever the class.
 
-Left out on purpose: Score-CAM and Ablation-CAM run one forward pass per channel of the CAM layer
-(512 to 1280 channels here: minutes per image for VGG-16 or ViT on a CPU); FullGrad needs the bias
-gradients of every layer and does not support the ViT; Shapley-CAM and Finer-CAM need second-order
-gradients.
+Left out on purpose: Score-CAM and Ablation-CAM run one forward pass of the whole network per channel
+of the CAM layer (512 to 1280 channels here), which by their FLOPs is about a minute or more per image
+for VGG-16 or ViT-B/16 on a 2-core CPU; FullGrad hooks the bias of every layer and has no ViT support;
+Shapley-CAM and Finer-CAM need second-order gradients or several targets, at several times the cost.
 
 Side effects: a call puts the model in eval mode and switches off the gradients of its parameters
 (only the input needs gradients, and a fully trainable VGG-16 would otherwise allocate 500 MB of
@@ -179,11 +179,19 @@ def _resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, *, image_weight: float = 0.5) -> Image.Image:
-    """``heatmap`` in the jet colour map blended with ``image`` (same size), as an RGB image."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+    """``heatmap`` in the jet colour map blended with ``image`` (same size), as an RGB image.
 
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return Image.fromarray(show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=image_weight), "RGB")
+    The same picture as pytorch-grad-cam's ``show_cam_on_image``, but blended in 8 bits: that function
+    works in float32 copies (about 50 bytes a pixel), too much for the large phone photos users upload.
+    """
+    import cv2  # a dependency of pytorch-grad-cam
+
+    if not 0.0 <= image_weight <= 1.0:
+        raise ValueError(f"image_weight must be in [0, 1], got {image_weight}")
+    colours = cv2.applyColorMap(np.rint(np.clip(heatmap, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB)
+    rgb = np.asarray(image.convert("RGB"))
+    return Image.fromarray(cv2.addWeighted(rgb, image_weight, colours, 1.0 - image_weight, 0.0), "RGB")
 
 
 def explain(
@@ -208,7 +216,7 @@ def explain(
         The map at the image's resolution, its overlay, the target and the class probabilities.
 
     Raises:
-        ValueError: for an unknown method or a target out of range.
+        ValueError: for an unknown method, a target out of range, or a ViT at another input size.
         ImageDecodeError: if ``image`` cannot be decoded.
     """
     if method not in METHODS:
@@ -216,6 +224,12 @@ def explain(
     if target is not None and not 0 <= target < model.num_classes:
         raise ValueError(f"target must be a class index in 0..{model.num_classes - 1}, got {target}")
     pre = preprocessing or Preprocessing.from_spec(model.spec)
+    if model.spec.cam_reshape == "vit" and pre.input_size != model.spec.input_size:
+        # torchvision's ViT has fixed position embeddings and asserts on any other size.
+        raise ValueError(
+            f"{model.spec.name} only accepts {model.spec.input_size}px inputs, got input_size={pre.input_size}; "
+            "use the backbone's own preprocessing"
+        )
     im = _as_rgb(image)
     layer = model.backbone.get_submodule(model.spec.cam_layer)
     reshape = _RESHAPES[model.spec.cam_reshape] if model.spec.cam_reshape else None
@@ -342,14 +356,15 @@ def deletion_score(
     seed: int = 0,
     *,
     preprocessing: Preprocessing | None = None,
-    fill: Literal["mean", "blur"] = "mean",
+    fill: Literal["mean", "blur"] = "blur",
 ) -> tuple[float, float]:
     """How much the class probability drops when the most salient pixels are removed, against random ones.
 
     Both the image and the map are squashed to the network's input square (as in :func:`explain`);
-    the top ``fraction`` of pixels by map value, or a random ``fraction``, are replaced by the image's
-    mean colour (``fill="mean"``) or by a strongly blurred copy (``fill="blur"``). A faithful map gives a
-    larger first drop.
+    the top ``fraction`` of pixels by map value, or a random ``fraction``, are replaced by a strongly
+    blurred copy of the image (``fill="blur"``) or by its mean colour (``fill="mean"``). A faithful map
+    gives a larger first drop. Blur is the default because scattered mean-coloured pixels are salt
+    noise the network never saw, which by itself lowers the probability and swamps the comparison.
 
     Args:
         model: The model that produced ``heatmap``.
