@@ -47,7 +47,7 @@ SOURCE = next((p for p in _SOURCES if (p / "train" / "ants").is_dir()), None)
 pytestmark = pytest.mark.skipif(SOURCE is None, reason="hymenoptera images not found")
 
 BACKBONE = "efficientnet_lite0"
-BUDGET = 4.0  # seconds per method: enough for one epoch of 8 images at 224 px on a busy 2-core CPU
+BUDGET = 5.0  # seconds per method: the fine-tuned head warm-up and one epoch of 8 images at 224 px, on a busy CPU
 TRAIN, VAL = 4, 3  # images per class
 
 
@@ -269,7 +269,7 @@ def test_compare_refuses_bad_arguments(data):
 
 def test_learning_curve_points_table_and_resume(data, net, tmp_path, monkeypatch):
     kwargs = dict(
-        per_class=(1, 2, None), seeds=(0, 1), methods=("frozen", "scratch"), budget_seconds_per_point=2.0,
+        per_class=(1, 2, None), seeds=(0, 1), methods=("frozen", "scratch"), budget_seconds_per_point=3.0,
         results_dir=tmp_path, pretrained_module=net,
     )
     # Scratch at only two sizes keeps this test short; frozen points cost about a second each.
