@@ -172,9 +172,6 @@ def test_zip_of_a_csv_dataset(csv_folder, tmp_path):
     assert data.report.counts == {"ant": 3, "bee": 3}
 
 
-@pytest.mark.xfail(
-    strict=True, reason="data.py: a zipped CSV whose images sit in a sub-folder is read as one class folder"
-)
 def test_zip_of_a_csv_dataset_with_an_images_folder(csv_folder, tmp_path):
     (csv_folder / "images").mkdir()
     for f in csv_folder.glob("*.jpg"):

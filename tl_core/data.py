@@ -22,6 +22,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -398,6 +399,16 @@ def _csv_rows(csv_path: Path, text: str) -> list[list[str]]:
             f"{csv_path.name} is not a readable CSV ({exc}); save it from your spreadsheet as 'CSV UTF-8'"
         ) from exc
     return [r for r in rows if any(c.strip() for c in r)]
+
+
+def _is_labels_csv(path: Path) -> bool:
+    """Whether ``path``'s header names a file column and a label column."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            header = {c.strip().strip('"').lower() for c in re.split(r"[,;\t|]", f.readline())}
+    except OSError:
+        return False
+    return bool(header & set(CSV_FILE_COLUMNS)) and bool(header & set(CSV_LABEL_COLUMNS))
 
 
 def _csv_candidates(csv_path: Path, root: Path, skipped: list[SkippedFile], notes: list[str]) -> list[_Candidate]:
@@ -1047,7 +1058,8 @@ def _load(
             skipped += _read_skipped(dest / ".skipped.tsv")
         root = _unwrap(dest)
         csvs = [p for p in root.iterdir() if p.suffix.lower() == ".csv" and p.is_file()]
-        if csvs and not _subdirs(root):
+        # A labels CSV at the top wins over sub-folders: Kaggle-style zips hold labels.csv + images/.
+        if csvs and (not _subdirs(root) or _is_labels_csv(csvs[0])):
             return _scan(root, _csv_candidates(csvs[0], root, skipped, notes), source=path.name, source_kind="zip",
                          layout="csv", skipped=skipped, notes=notes, limits=limits, progress=progress)
         candidates, layout = _folder_candidates(root, skipped)
@@ -1331,7 +1343,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.augment is None:
             x = to_input(center_crop(arr, self.pre.input_size), self.pre)
         else:
-            img = self.augment(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
+            # Cached arrays are shared and read-only; the augmentation gets its own copy.
+            img = self.augment(torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1))
             x = (img.float().div_(255.0) - self._mean) / self._std
         return x, self.class_to_idx[s.label]
 
