@@ -16,6 +16,7 @@ import streamlit as st
 st.set_page_config(page_title="Transfer Studio", page_icon="🧠", layout="wide", initial_sidebar_state="expanded")
 
 from ui import session, sidebar, state  # noqa: E402 - set_page_config must come first
+from ui.cache import warm_default_backbone  # noqa: E402
 from ui.datasets import use_sample  # noqa: E402
 from ui.widgets import PAGES  # noqa: E402
 
@@ -23,6 +24,7 @@ logging.getLogger("tl_core").setLevel(logging.INFO)
 
 state.init()
 ws = session.current()
+warm_default_backbone()
 
 if "--sample" in sys.argv[1:] and not ws.sample_offered:
     ws.sample_offered = True

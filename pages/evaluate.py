@@ -123,11 +123,14 @@ with overview:
     s1, s2 = st.columns(2)
     s1.selectbox("True class", names, **state.CELL_TRUE.widget)
     s2.selectbox("Predicted class", names, **state.CELL_PREDICTED.widget)
-    cell = ev.cell(state.CELL_TRUE.get(), state.CELL_PREDICTED.get())
+    true_name, predicted_name = state.CELL_TRUE.get(), state.CELL_PREDICTED.get()
+    cell = ev.cell(true_name, predicted_name)
+    what = (f"{md_escape(true_name)} recognised as {md_escape(true_name)}" if true_name == predicted_name
+            else f"{md_escape(true_name)} taken for {md_escape(predicted_name)}")
     if cell.empty:
-        st.caption("No images in this cell.")
+        st.caption(f"No images of {what}.")
     else:
-        st.caption(f"{len(cell)} images; the percentage is the model's confidence in its answer.")
+        st.caption(f"{len(cell)} images of {what}; the percentage is the model's confidence in its answer.")
         image_grid([(thumb(r.path), f"{Path(r.path).name} · {r.confidence:.0%}") for r in cell.head(24).itertuples()],
                    columns=8)
 

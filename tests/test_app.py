@@ -69,7 +69,7 @@ def wait_for_job(at: AppTest, timeout: float = 600) -> None:
     assert ws.job.join(timeout), "training did not finish in time"
 
 
-PAGES = ["home", "data", "model", "train", "evaluate", "predict"]
+PAGES = ["home", "data", "model", "train", "evaluate", "predict", "experiments"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def test_every_page_renders_empty(page):
     goto(at, page)
     assert not at.exception, [e.value for e in at.exception]
     assert at.title, "every page has a title"
-    if page in ("train", "evaluate"):
+    if page in ("train", "evaluate", "experiments"):
         # A page whose previous step is missing says so and offers a button to go there.
         assert any(b.label.startswith("Go to") for b in at.button)
 
@@ -331,6 +331,48 @@ def test_main_flow_sample_train_evaluate_export_predict():
     at.run()
     assert_clean(at)
     assert ws.bundle is not None and ws.bundle.class_names == ["ants", "bees"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiments
+
+
+def test_experiments_recommendation_runs_in_the_background_and_can_be_applied():
+    at = new_app().run()
+    load_sample(at)
+    goto(at, "experiments")
+    assert_clean(at)
+    at.button(key="exp_recommend").click().run()
+    job = workspace(at).experiments["recommend"]
+    assert job.join(600), "the recommendation did not finish"
+    assert job.status == "done", job.message
+    at.run()
+    assert_clean(at)
+    assert any("Suggested" in s.value for s in at.success)
+    at.button(key="exp_use_recommendation").click().run()
+    assert at.session_state["ts_strategy"] == job.result.strategy
+
+
+@pytest.mark.slow
+def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny_dataset):
+    from ui.datasets import use_source
+
+    at = new_app().run()
+    use_source(workspace(at), tiny_dataset({"ants": 8, "bees": 8}), kind="folder", label="tiny")
+    goto(at, "experiments")
+    at.slider(key="ts_exp_budget").set_value(15).run()
+    at.button(key="exp_compare").click().run()
+    job = workspace(at).experiments["compare"]
+    assert job.join(900) and job.status == "done", job.message
+    # A refresh: a new Streamlit session, same workspace; the saved runs are drawn without training.
+    again = new_app()
+    again.query_params["sid"] = at.session_state["ts_session_id"]
+    again.run()
+    workspace(again).experiments.clear()
+    goto(again, "experiments")
+    again.slider(key="ts_exp_budget").set_value(15).run()
+    assert_clean(again)
+    assert any("Guessing the most common class" in c.value for c in again.caption), "drawn from the saved runs"
 
 
 # --------------------------------------------------------------------------------------------------

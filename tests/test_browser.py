@@ -69,6 +69,8 @@ class StudioServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.home / "server.log"
         self.env = {**os.environ, "TRANSFER_STUDIO_HOME": str(self.home), "PYTHONPATH": str(ROOT), **(extra_env or {})}
+        # The test session pins torch to one thread (conftest); the server runs as in production.
+        self.env.pop("OMP_NUM_THREADS", None)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> StudioServer:
@@ -268,14 +270,12 @@ def test_main_flow_sample_to_confusion_matrix(browser, server):
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "timings.json").write_text(json.dumps(timings, indent=1))
         assert clicks <= 5
-        assert "93" in page.locator("[data-testid=stMetric]").first.inner_text() or True  # accuracy shown
+        assert "%" in page.locator("[data-testid=stMetric]").first.inner_text()  # accuracy shown
         # Clicking a cell of the matrix lists its images: bees taken for ants (bottom-left cell).
         box = matrix.locator(".nsewdrag").first.bounding_box()
         page.mouse.click(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.75)
         wait_idle(page)
-        true_box = page.locator("[data-testid=stSelectbox]").filter(has_text="True class")
-        assert "bees" in true_box.inner_text()
-        assert "Predicted class" in page.locator("[data-testid=stSelectbox]").filter(has_text="Predicted class").inner_text()
+        page.get_by_text("images of bees taken for ants").wait_for(timeout=30_000)
     context.close()
 
 
@@ -345,8 +345,9 @@ def test_refresh_during_training_keeps_the_run(browser, server):
             page.locator("[data-testid=stProgress]").first.wait_for()
         button(page, "Next: see how good it is").wait_for(timeout=600_000)
         wait_idle(page)
-        runs_table = page.locator("[data-testid=stDataFrame]").last.inner_text()
-        assert "efficientnet_lite2" in runs_table
+        assert "Training finished" in sidebar_text(page)
+        runs = list((server.home / "sessions" / sid / "runs").glob("*efficientnet_lite2-frozen*"))
+        assert len(runs) == 1 and (runs[0] / "weights.safetensors").is_file(), "the run was saved once"
     context.close()
 
 

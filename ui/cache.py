@@ -15,7 +15,9 @@ session's :class:`ui.session.Workspace`. Every path cached here is inside one se
 from __future__ import annotations
 
 import io
+import logging
 import os
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +41,32 @@ def pretrained_backbone(name: str):
     from tl_core.backbones import build_backbone
 
     return build_backbone(name, weights="pretrained", progress=False)
+
+
+_warm_lock = threading.Lock()
+_warmed = False
+
+
+def warm_default_backbone(name: str = "efficientnet_lite0") -> None:
+    """Loads the default backbone in a background thread, once per process.
+
+    The first Start then finds it in the resource cache instead of spending seconds importing timm
+    and reading the weights; the cache's per-key lock makes a Start during the warm-up wait for it
+    rather than load a second copy.
+    """
+    global _warmed
+    with _warm_lock:
+        if _warmed:
+            return
+        _warmed = True
+
+    def load() -> None:
+        try:
+            pretrained_backbone(name)
+        except Exception:  # noqa: BLE001 - training will report the problem when it happens
+            logging.getLogger(__name__).warning("could not preload %s", name, exc_info=True)
+
+    threading.Thread(target=load, name="transfer-studio-warm-up", daemon=True).start()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -266,3 +266,48 @@ digraph G {
   img -> early -> mid -> late -> head -> out;
 }
 """
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiments
+
+METHOD_COLOURS = {"scratch": ORANGE, "frozen": BLUE, "finetuned": GREEN}
+METHOD_NAMES = {"scratch": "from scratch", "frozen": "pretrained, frozen", "finetuned": "pretrained, fine-tuned"}
+
+
+def strategy_curves(history: pd.DataFrame, chance: float | None = None) -> go.Figure:
+    """Validation accuracy of each method against wall-clock seconds and against epochs."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08, shared_yaxes=True)
+    for method, rows in history.groupby("method", sort=False):
+        colour = METHOD_COLOURS.get(method, GREY)
+        name = METHOD_NAMES.get(method, method)
+        fig.add_scatter(x=rows["elapsed_seconds"], y=rows["val_accuracy"], mode="lines+markers", name=name,
+                        line=dict(color=colour), row=1, col=1, legendgroup=method)
+        fig.add_scatter(x=rows["epoch"], y=rows["val_accuracy"], mode="lines+markers", name=name,
+                        line=dict(color=colour), row=1, col=2, legendgroup=method, showlegend=False)
+    if chance is not None:
+        for col in (1, 2):
+            fig.add_hline(y=chance, line=dict(color=GREY, dash="dot"), row=1, col=col,
+                          annotation_text="guessing" if col == 1 else None, annotation_position="bottom right")
+    fig.update_xaxes(title="seconds of training", row=1, col=1)
+    fig.update_xaxes(title="epoch", row=1, col=2)
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", title="validation accuracy", row=1, col=1)
+    return _base(fig, height=340)
+
+
+def learning_curve(table: pd.DataFrame, chance: float | None = None) -> go.Figure:
+    """Mean validation accuracy (band: min to max over seeds) against training images per class."""
+    fig = go.Figure()
+    for method, rows in table.groupby("method", sort=False):
+        rows = rows.sort_values("images_per_class")
+        colour = METHOD_COLOURS.get(method, GREY)
+        x = list(rows["images_per_class"])
+        fig.add_scatter(x=x + x[::-1], y=list(rows["max"]) + list(rows["min"])[::-1], fill="toself",
+                        fillcolor=colour, opacity=0.15, line=dict(width=0), hoverinfo="skip", showlegend=False)
+        fig.add_scatter(x=x, y=rows["mean"], mode="lines+markers", name=METHOD_NAMES.get(method, method),
+                        line=dict(color=colour))
+    if chance is not None:
+        fig.add_hline(y=chance, line=dict(color=GREY, dash="dot"), annotation_text="guessing")
+    fig.update_xaxes(type="log", title="training images per class")
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", title="validation accuracy")
+    return _base(fig, height=340)

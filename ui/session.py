@@ -89,6 +89,7 @@ class Workspace:
         self.origin: dict | None = None
         self.job = None
         self.exports: dict[str, Any] = {}
+        self.experiments: dict[str, Any] = {}  # ExperimentJob by kind ("compare", "curve", "recommend")
         self.bundle = None
         self.bundle_name: str | None = None
         self._models: OrderedDict[str, Any] = OrderedDict()
@@ -224,10 +225,17 @@ class Workspace:
         except OSError:
             pass
 
+    @property
+    def experiments_dir(self) -> Path:
+        """Saved experiment results of this session (the engine resumes from them)."""
+        return self.root / "experiments"
+
     def release(self) -> None:
         """Stops background work and deletes temporary files (the runs stay)."""
         if self.job is not None:
             self.job.stop()
+        for job in self.experiments.values():
+            job.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
         shutil.rmtree(self.uploads, ignore_errors=True)
         with self.lock:

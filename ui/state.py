@@ -139,6 +139,13 @@ COMPARE_RUNS = _declare("ts_compare_runs", [], "Runs picked for the side-by-side
 CAM_METHOD = _declare("ts_cam_method", "gradcam", "Class-activation-map method.")
 
 # --------------------------------------------------------------------------------------------------
+# Experiments page
+
+EXP_BUDGET = _declare("ts_exp_budget", 30, "Seconds per method in the strategy comparison.")
+EXP_CURVE_BUDGET = _declare("ts_exp_curve_budget", 6, "Seconds per from-scratch point of the learning curve.")
+EXP_IMAGE = _declare("ts_exp_image", None, "Image shown in the inside-the-network views.")
+
+# --------------------------------------------------------------------------------------------------
 # Predict & Export page
 
 PREDICT_SOURCE = _declare("ts_predict_source", "run", "Predict with a run of this session or an uploaded bundle.")

@@ -7,6 +7,7 @@ label such as ``**bold**`` or ``<script>`` shows as typed and never runs.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -33,10 +34,11 @@ PAGES: dict[str, PageInfo] = {
         PageInfo("train", "pages/train.py", "Train", ":material/model_training:"),
         PageInfo("evaluate", "pages/evaluate.py", "Evaluate", ":material/fact_check:"),
         PageInfo("predict", "pages/predict.py", "Predict & Export", ":material/photo_camera:"),
-        # Experiments (strategy comparison, learning curve): add its PageInfo here once
-        # tl_core.experiments exists; app.py builds the navigation from this dict.
     )
 }
+# The Experiments page needs tl_core.experiments (an optional part of the engine).
+if importlib.util.find_spec("tl_core.experiments") is not None:
+    PAGES["experiments"] = PageInfo("experiments", "pages/experiments.py", "Experiments", ":material/science:")
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&=])")
 

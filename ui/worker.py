@@ -443,3 +443,72 @@ class ExportJob:
             logger.exception("export to %s failed", self.out)
             self.status = "failed"
             self.message = _sentence(f"The export failed: {exc}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiments
+
+
+class ExperimentJob:
+    """One experiment of :mod:`tl_core.experiments` in a background thread.
+
+    The experiment reports :class:`tl_core.experiments.Progress` to :meth:`_progress`; the page polls
+    :attr:`progress`. :meth:`stop` sets the experiment's stop event (finished runs are kept and saved
+    by the engine, so running it again resumes).
+
+    Args:
+        fn: ``compare_strategies``, ``learning_curve`` or ``recommend_strategy``.
+        kwargs: Its keyword arguments (``progress`` and ``stop`` are added here).
+        training_slot: Whether it trains (and so waits for a free slot like a training job).
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, training_slot: bool = True, **kwargs):
+        self.fn, self.kwargs, self.training_slot = fn, kwargs, training_slot
+        self.stop_event = threading.Event()
+        self.status = "queued" if training_slot else "running"
+        self.progress = None
+        self.result = None
+        self.message = ""
+        self.started = time.time()
+        self._thread = threading.Thread(target=self._run, name="transfer-studio-experiment", daemon=True)
+
+    def start(self) -> ExperimentJob:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("queued", "running")
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def _progress(self, p) -> None:
+        self.progress = p
+
+    def _run(self) -> None:
+        acquired = False
+        try:
+            if self.training_slot:
+                while not (acquired := _SLOTS.acquire(timeout=0.25)):
+                    if self.stop_event.is_set():
+                        self.status, self.message = "cancelled", "Cancelled before it started."
+                        return
+            self.status = "running"
+            self.started = time.time()
+            self.result = self.fn(progress=self._progress, stop=self.stop_event, **self.kwargs)
+            self.status = "stopped" if self.stop_event.is_set() else "done"
+        except Exception as exc:  # noqa: BLE001 - reported on the page, never raised in a thread
+            logger.exception("experiment %s failed", getattr(self.fn, "__name__", self.fn))
+            self.status, self.message = "failed", _sentence(f"The experiment failed: {exc}")
+        finally:
+            if acquired:
+                _SLOTS.release()
