@@ -28,6 +28,7 @@ memory, with size limits; nothing is ever extracted to disk.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import importlib.metadata
@@ -37,8 +38,10 @@ import json
 import logging
 import math
 import os
-import platform
+import shutil
+import stat
 import tempfile
+import uuid
 import warnings
 import zipfile
 import zlib
@@ -134,6 +137,8 @@ def export_bundle(
     Raises:
         ValueError: if the arguments contradict the model (class count, confusion shape, unknown
             class in ``class_counts``) or ``out`` is a folder.
+        TypeError: if a value of ``metrics``, ``train_config``, ``data_summary`` or ``extra`` cannot be
+            stored as JSON (checked before the slow export starts).
         ExportError: if TorchScript or ONNX export fails.
     """
     out = Path(out)
@@ -142,6 +147,17 @@ def export_bundle(
     names = _check_class_names(class_names, model.num_classes)
     confusion_rows = _check_confusion(confusion, names)
     counts = _check_class_counts(class_counts, names)
+    # Converted now, so a value JSON cannot hold fails before the slow export, not after it.
+    described = _plain(
+        {
+            "train_config": train_config,
+            "metrics": metrics,
+            "data_summary": data_summary,
+            "class_counts": counts,
+            "confusion_matrix": confusion_rows,
+            "extra": extra,
+        }
+    )
     spec = model.spec
 
     # A copy, so the caller's model keeps its device, dtype, train mode and gradients.
@@ -188,13 +204,8 @@ def export_bundle(
                 "weights_aliases": aliases,
                 "onnx_exporter": "torch.onnx.export(dynamo=True)",
                 "onnx_opset": opset,
-                "train_config": train_config,
-                "metrics": metrics,
-                "data_summary": data_summary,
-                "class_counts": counts,
-                "confusion_matrix": confusion_rows,
-                "extra": extra,
-                "versions": library_versions(),
+                **described,
+                "versions": _versions(),
             }
         )
         texts = {
@@ -205,6 +216,37 @@ def export_bundle(
         _write_zip_atomically(out, texts, [tmp / WEIGHTS_FILE, tmp / TORCHSCRIPT_FILE, tmp / ONNX_FILE])
     logger.info("exported %s (%d classes) to %s (%.1f MB)", spec.name, model.num_classes, out, out.stat().st_size / 1e6)
     return out
+
+
+def export_run(run, out: str | os.PathLike) -> Path:
+    """Exports a saved run (a :class:`~tl_core.runs.RunInfo` or its folder) as a bundle.
+
+    The bundle gets the run's config, metrics, data summary, training counts per class and the
+    confusion matrix of its stored validation predictions.
+
+    Raises:
+        tl_core.runs.RunError: if the run cannot be read.
+    """
+    from .runs import RunError, RunInfo, RunStore, load_evaluation, load_model
+
+    if not isinstance(run, RunInfo):
+        path = Path(run)
+        run = RunStore(path.parent).get(path.name)
+    try:
+        confusion = load_evaluation(run, "val").confusion().tolist()
+    except RunError:
+        confusion = None
+    data = run.meta.get("data") or {}
+    return export_bundle(
+        load_model(run),
+        out,
+        class_names=run.class_names,
+        metrics=run.meta.get("metrics"),
+        train_config=run.config,
+        data_summary=data,
+        confusion=confusion,
+        class_counts=(data.get("split_counts") or {}).get("train"),
+    )
 
 
 def _check_class_names(class_names: Sequence[str], num_classes: int) -> list[str]:
@@ -262,12 +304,6 @@ def _save_weights(net: nn.Module, path: Path) -> dict[str, str]:
     return aliases
 
 
-def _quiet_torch_warnings() -> warnings.catch_warnings:
-    """Catches TorchScript's deprecation notice and tracer warnings; they are logged, not shown."""
-    ctx = warnings.catch_warnings(record=True)
-    return ctx
-
-
 def _log_caught(caught: list[warnings.WarningMessage], step: str) -> None:
     for w in caught:
         logger.debug("%s: %s: %s", step, w.category.__name__, w.message)
@@ -314,56 +350,45 @@ def _save_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> int | None:
 
 
 def _write_zip_atomically(out: Path, texts: dict[str, str], files: list[Path]) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")
+    now = dt.datetime.now().timetuple()[:6]
+
+    def entry(name: str, compress_type: int) -> zipfile.ZipInfo:
+        info = zipfile.ZipInfo(name, date_time=now)
+        info.compress_type = compress_type
+        info.external_attr = (stat.S_IFREG | 0o644) << 16  # plain readable files when unzipped
+        return info
+
     try:
-        with zipfile.ZipFile(tmp_name, "w") as zf:
+        # "xb" creates the file with the usual permissions (umask), unlike mkstemp's 0600.
+        with open(tmp, "xb") as raw, zipfile.ZipFile(raw, "w") as zf:
             for name, text in texts.items():
-                zf.writestr(name, text, compress_type=zipfile.ZIP_DEFLATED)
+                zf.writestr(entry(name, zipfile.ZIP_DEFLATED), text)
             for file in files:
                 # Float weights barely compress; storing them keeps export and loading fast.
-                zf.write(file, file.name, compress_type=zipfile.ZIP_STORED)
-        with open(tmp_name, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_name, out)
+                info = entry(file.name, zipfile.ZIP_STORED)
+                info.file_size = file.stat().st_size  # lets zipfile choose ZIP64 only when needed
+                with open(file, "rb") as src, zf.open(info, "w") as dst:
+                    shutil.copyfileobj(src, dst, 16 * 1024**2)
+            zf.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, out)
     except BaseException:
-        with _suppress_os_error():
-            os.remove(tmp_name)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         raise
 
 
-class _suppress_os_error:
-    def __enter__(self) -> None:
-        return None
+def _versions() -> dict[str, str]:
+    from .runs import library_versions
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of Python and of every library a bundle depends on (``None`` when not installed)."""
-    versions: dict[str, str | None] = {
-        "python": platform.python_version(),
-        "tl_core": __version__,
-        "torch": torch.__version__,
-    }
-    for key, dists in (
-        ("torchvision", ("torchvision",)),
-        ("timm", ("timm",)),
-        ("onnx", ("onnx",)),
-        ("onnxruntime", ("onnxruntime", "onnxruntime-gpu")),
-        ("onnxscript", ("onnxscript",)),
-        ("safetensors", ("safetensors",)),
-        ("numpy", ("numpy",)),
-        ("pillow", ("Pillow", "pillow")),
-    ):
-        versions[key] = None
-        for dist in dists:
-            try:
-                versions[key] = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
+    versions = library_versions()
+    for dist in ("onnxscript", "Pillow"):  # the ONNX exporter, and what predict.py decodes with
+        try:
+            versions[dist.lower()] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist.lower()] = "not installed"
     return versions
 
 
@@ -448,17 +473,20 @@ def render_model_card(meta: dict) -> str:
     strategy = meta.get("strategy")
     if strategy == "partial":
         strategy = f"partial (last {meta.get('trainable_stages')} stages fine-tuned)"
+    head_text = f"hidden layer of {head['hidden']}, then linear" if head.get("hidden") else "one linear layer"
     lines += _table(
         ["", ""],
         [
             ["Backbone", f"{meta['backbone']} ({info.get('family', '?')}), pretrained on ImageNet-1k"],
             ["Backbone licence", info.get("licence", "unknown")],
             ["Parameters (ImageNet network)", f"{info.get('params', 0):,}"],
-            ["New head", f"hidden layer of {head['hidden']}" if head.get("hidden") else "one linear layer"
-             f" (dropout {head.get('dropout')})"],
+            ["New head", f"{head_text} (dropout {head.get('dropout')})"],
             ["Training strategy", strategy],
-            ["Input", f"{pre['input_size']}x{pre['input_size']} RGB: shorter side resized to {pre['resize_size']} "
-                      f"({pre['interpolation']}), centre crop, normalised with mean {pre['mean']} and std {pre['std']}"],
+            [
+                "Input",
+                f"{pre['input_size']}x{pre['input_size']} RGB: shorter side resized to {pre['resize_size']} "
+                f"({pre['interpolation']}), centre crop, normalised with mean {pre['mean']} and std {pre['std']}",
+            ],
         ],
     )
 
@@ -550,7 +578,7 @@ def render_model_card(meta: dict) -> str:
         "- `predict.py`: `pip install onnxruntime numpy pillow`, then `python predict.py photo.jpg` in the unzipped "
         "folder, or `python predict.py --bundle model.zip photo.jpg`.",
         "",
-        "Made with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
+        "Made with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and v != "not installed") + ".",
         "",
     ]
     return "\n".join(lines)
@@ -591,7 +619,9 @@ def _read_members(path: str | os.PathLike, names: Sequence[str], max_bytes: int 
             raise BundleError(f"{path.name} holds {len(infos)} files; a bundle holds {len(BUNDLE_FILES)}")
         duplicated = [n for n, k in Counter(i.filename for i in infos).items() if k > 1]
         if duplicated:
-            raise BundleError(f"{path.name} holds {duplicated[0]!r} more than once; it was not written by Transfer Studio")
+            raise BundleError(
+                f"{path.name} holds {duplicated[0]!r} more than once; it was not written by Transfer Studio"
+            )
         present = {i.filename: i for i in infos}
         if MODEL_JSON not in present:
             shown = ", ".join(sorted(present)[:5]) or "nothing"
@@ -709,7 +739,8 @@ def _rebuild(meta: dict, state: dict[str, torch.Tensor], source: str) -> Transfe
         ) from None
     head_fields = {f.name for f in fields(HeadConfig)}
     if not set(meta["head"]) <= head_fields:
-        raise BundleError(f"{source}: unknown head settings {sorted(set(meta['head']) - head_fields)}; update Transfer Studio")
+        unknown = sorted(set(meta["head"]) - head_fields)
+        raise BundleError(f"{source}: unknown head settings {unknown}; update Transfer Studio")
     strategy = meta.get("strategy", "frozen")
     try:
         # fork_rng: the random initialisation that load_state_dict overwrites must not move the caller's RNG.
@@ -750,18 +781,20 @@ def _head_output_key(model: TransferModel) -> str:
     return f"head.{last}.weight"
 
 
-def _predictor_from_members(members: dict[str, bytes], source: str) -> Predictor:
-    meta = _parse_metadata(members[MODEL_JSON], source)
-    state = _read_state(members[WEIGHTS_FILE], meta, source)
-    model = _rebuild(meta, state, source)
+def _preprocessing(meta: dict, source: str) -> Preprocessing:
+    d = meta["preprocessing"]
+    if d.get("resize", "shorter_side") != "shorter_side" or d.get("crop", "center") != "center":
+        raise BundleError(f"{source}: unsupported preprocessing {d}; update Transfer Studio")
     try:
-        pre = Preprocessing.from_dict(meta["preprocessing"])
+        return Preprocessing.from_dict(d)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{source}: the preprocessing in {MODEL_JSON} is incomplete ({exc})") from exc
-    if meta["preprocessing"].get("resize", "shorter_side") != "shorter_side" or (
-        meta["preprocessing"].get("crop", "center") != "center"
-    ):
-        raise BundleError(f"{source}: unsupported preprocessing {meta['preprocessing']}; update Transfer Studio")
+
+
+def _predictor_from_members(members: dict[str, bytes], source: str) -> Predictor:
+    meta = _parse_metadata(members[MODEL_JSON], source)
+    pre = _preprocessing(meta, source)
+    model = _rebuild(meta, _read_state(members[WEIGHTS_FILE], meta, source), source)
     return Predictor(model, meta["class_names"], pre, metadata=meta)
 
 
@@ -892,28 +925,42 @@ def check_fidelity(
     bundle_path: str | os.PathLike,
     images: ImageInput | Iterable[ImageInput],
     *,
+    model: TransferModel | None = None,
     atol: float = 1e-4,
 ) -> dict:
-    """Runs the bundle's eager model, TorchScript and ONNX (onnxruntime) on the same inputs.
+    """Runs the eager model, the bundle's TorchScript and its ONNX (onnxruntime) on the same inputs.
 
-    The images are preprocessed once; each runtime sees the whole batch and then every image alone
-    (batch 1), which also checks that the batch axis is dynamic. Load TorchScript only from bundles
-    you trust: unlike the weights, it is code.
+    The images are preprocessed once; each runtime sees the whole batch and then the first image
+    alone, which also checks that the batch axis is dynamic. Load TorchScript only from bundles you
+    trust: unlike the weights, it is code.
 
     Args:
         bundle_path: A bundle zip or unzipped folder.
         images: Paths, bytes or PIL images.
+        model: The eager model to compare with, e.g. the one just exported (it must have the bundle's
+            class count). By default the model is rebuilt from the bundle's weights.
         atol: Largest probability difference that counts as agreement (for ``ok``).
 
     Returns:
         ``{"n_images", "batch_sizes", "atol", "ok", "min_top1_margin", "onnx_input",
-        "torchscript": {...}, "onnx": {...}}``, each runtime with ``max_abs_diff`` (probabilities),
-        ``max_abs_logit_diff`` and ``top1_agree`` (against eager, on every batch).
+        "eager_probabilities", "torchscript": {...}, "onnx": {...}}``, each runtime with
+        ``max_abs_diff`` (probabilities), ``max_abs_logit_diff``, ``max_rel_logit_diff`` (relative to
+        the largest eager logit: meaningful also when an untrained model's probabilities are all
+        alike) and ``top1_agree`` (against eager, on every batch). ``min_top1_margin`` is eager's
+        smallest gap between the two most likely classes: a top-1 disagreement where it is below
+        ``atol`` is a tie, not a bug.
     """
     import onnxruntime as ort
 
-    members = _read_members(bundle_path, [MODEL_JSON, WEIGHTS_FILE, TORCHSCRIPT_FILE, ONNX_FILE])
-    predictor = _predictor_from_members(members, Path(bundle_path).name)
+    source = Path(bundle_path).name
+    if model is None:
+        members = _read_members(bundle_path, [MODEL_JSON, WEIGHTS_FILE, TORCHSCRIPT_FILE, ONNX_FILE])
+        predictor = _predictor_from_members(members, source)
+        del members[WEIGHTS_FILE]  # now inside the model; VGG-16's is 0.5 GB
+    else:
+        members = _read_members(bundle_path, [MODEL_JSON, TORCHSCRIPT_FILE, ONNX_FILE])
+        meta = _parse_metadata(members[MODEL_JSON], source)
+        predictor = Predictor(model, meta["class_names"], _preprocessing(meta, source), metadata=meta)
     x = predictor.preprocess(images)
     if len(x) == 0:
         raise ValueError("check_fidelity needs at least one image")
@@ -931,27 +978,35 @@ def check_fidelity(
         logits["onnx"] = torch.from_numpy(session.run([OUTPUT_NAME], {onnx_in.name: batch.numpy()})[0])
         return logits
 
-    batches = [x] + ([x[i : i + 1] for i in range(len(x))] if len(x) > 1 else [])
+    batches = [x, x[:1]] if len(x) > 1 else [x]
     report: dict[str, Any] = {
         "n_images": len(x),
         "batch_sizes": sorted({len(b) for b in batches}, reverse=True),
         "atol": atol,
         "onnx_input": {"name": onnx_in.name, "shape": list(onnx_in.shape), "type": onnx_in.type},
     }
-    stats = {rt: {"max_abs_diff": 0.0, "max_abs_logit_diff": 0.0, "top1_agree": True} for rt in ("torchscript", "onnx")}
+    stats = {
+        rt: {"max_abs_diff": 0.0, "max_abs_logit_diff": 0.0, "max_rel_logit_diff": 0.0, "top1_agree": True}
+        for rt in ("torchscript", "onnx")
+    }
     margin = math.inf
     for batch in batches:
         logits = run_all(batch)
+        if batch is x:
+            report["eager_probabilities"] = torch.softmax(logits["eager"], 1).tolist()
         ref_logits = logits["eager"]
         ref = torch.softmax(ref_logits, 1)
         top2 = ref.topk(min(2, ref.shape[1]), dim=1).values
         margin = min(margin, float((top2[:, 0] - top2[:, -1]).min()))
+        scale = float(ref_logits.abs().max()) or 1.0
         for rt, s in stats.items():
             if logits[rt].shape != ref_logits.shape:
                 raise ValueError(f"{rt} returned shape {tuple(logits[rt].shape)} for a batch of {len(batch)}")
             p = torch.softmax(logits[rt], 1)
             s["max_abs_diff"] = max(s["max_abs_diff"], float((p - ref).abs().max()))
-            s["max_abs_logit_diff"] = max(s["max_abs_logit_diff"], float((logits[rt] - ref_logits).abs().max()))
+            logit_diff = float((logits[rt] - ref_logits).abs().max())
+            s["max_abs_logit_diff"] = max(s["max_abs_logit_diff"], logit_diff)
+            s["max_rel_logit_diff"] = max(s["max_rel_logit_diff"], logit_diff / scale)
             s["top1_agree"] = s["top1_agree"] and bool((p.argmax(1) == ref.argmax(1)).all())
     report.update(stats)
     report["min_top1_margin"] = margin
