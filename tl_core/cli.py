@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -251,6 +252,115 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    out = export_run(args.run, args.out)
+    size = out.stat().st_size / 1024**2
+    _emit(args, {"out": str(out), "megabytes": round(size, 1)}, f"exported {args.run} -> {out} ({size:.1f} MB)")
+    return 0
+
+
+def _image_files(paths: list[str]) -> list[Path]:
+    """The image files named or found (recursively, skipping hidden and junk entries) under ``paths``."""
+    from .data import IMAGE_EXTENSIONS, _is_junk
+
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+                files += [Path(dirpath) / f for f in sorted(filenames) if not _is_junk(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist; give image files or folders of images")
+    if not files:
+        raise FileNotFoundError(f"no images found in {', '.join(paths)}")
+    return files
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+    import torch
+
+    from .export import load_bundle
+    from .preprocess import ImageDecodeError
+
+    predictor = load_bundle(args.bundle)
+    files = _image_files(args.images)
+    k = max(1, min(args.top_k, len(predictor.class_names)))
+    results: list[dict] = []
+    good: list[tuple[int, torch.Tensor]] = []
+    for f in files:
+        entry = {"file": str(f), "top": []}
+        try:
+            good.append((len(results), predictor.preprocess([f])[0]))
+        except ImageDecodeError as exc:
+            entry["error"] = str(exc)
+        results.append(entry)
+    for start in range(0, len(good), 32):
+        chunk = good[start : start + 32]
+        probs = torch.softmax(predictor.logits(torch.stack([x for _, x in chunk])), 1).numpy()
+        for (i, _), p in zip(chunk, probs):
+            order = np.argsort(-p)[:k]
+            results[i]["top"] = [{"label": predictor.class_names[j], "probability": float(p[j])} for j in order]
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['file']}: skipped ({r['error']})")
+        else:
+            lines.append(f"{r['file']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+    _emit(args, results, "\n".join(lines))
+    return 0 if good else EXIT_USER_ERROR
+
+
+def _load_for_explain(source: str):
+    """(model, class names) from a bundle (zip or folder with model.json) or a run folder (run.json)."""
+    from .export import load_bundle
+    from .runs import RunStore, load_model
+
+    path = Path(source)
+    if path.is_dir() and (path / "run.json").is_file():
+        run = RunStore(path.parent).get(path.name)
+        return load_model(run), run.class_names
+    predictor = load_bundle(path)
+    return predictor.model, predictor.class_names
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain
+
+    model, classes = _load_for_explain(args.model)
+    target = None
+    if args.target_class is not None:
+        wanted = {c.casefold(): i for i, c in enumerate(classes)}
+        if args.target_class.casefold() not in wanted:
+            raise ValueError(f"unknown class {args.target_class!r}; the model knows: {', '.join(classes)}")
+        target = wanted[args.target_class.casefold()]
+    e = explain(model, args.image, target=target, method=args.method)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    e.overlay.save(out)
+    predicted = int(e.probabilities.argmax())
+    payload = {
+        "out": str(out),
+        "method": e.method,
+        "target": classes[e.target],
+        "target_probability": float(e.probabilities[e.target]),
+        "predicted": classes[predicted],
+        "predicted_probability": float(e.probabilities[predicted]),
+        "size": list(e.overlay.size),
+    }
+    human = (
+        f"{e.method} for '{classes[e.target]}' (p={payload['target_probability']:.3f}; predicted "
+        f"'{classes[predicted]}' p={payload['predicted_probability']:.3f}) -> {out}"
+    )
+    _emit(args, payload, human)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser
 
@@ -307,6 +417,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="last line of stdout is a JSON object")
     sp.set_defaults(func=cmd_compare)
 
+    sp = sub.add_parser("export", help="export a saved run as one self-describing .zip bundle")
+    sp.add_argument("run", help="a run folder (e.g. runs/<run-id>)")
+    sp.add_argument("--out", required=True, metavar="FILE.zip")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("predict", help="classify images with an exported bundle")
+    sp.add_argument("bundle", help="a bundle .zip (or its unzipped folder)")
+    sp.add_argument("images", nargs="+", help="image files or folders (walked recursively)")
+    sp.add_argument("--top-k", type=int, default=3)
+    sp.add_argument("--json", action="store_true", help="last line of stdout: a JSON list, one entry per image")
+    sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("explain", help="Grad-CAM overlay of what the model looks at")
+    sp.add_argument("model", help="a bundle .zip or a run folder")
+    sp.add_argument("image")
+    sp.add_argument("--out", required=True, help="overlay image to write (e.g. overlay.png)")
+    sp.add_argument("--class", dest="target_class", help="explain this class instead of the predicted one")
+    sp.add_argument("--method", default="gradcam", help="gradcam, gradcam++, layercam or eigencam")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_explain)
+
     sp = sub.add_parser("backbones", help="list the backbones")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_backbones)
@@ -320,13 +452,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    user_errors: tuple[type[BaseException], ...] = (DataError, BackboneError, TrainingError, FileNotFoundError, ValueError, OSError)
-    try:
-        from .export import BundleError
-
-        user_errors += (BundleError,)
-    except ImportError:
-        pass
+    # Every user-facing error of the engine is a ValueError (DataError, BackboneError, BundleError,
+    # RunError, ImageDecodeError) or an OSError (missing files, a full disk); TrainingError is not.
+    user_errors: tuple[type[BaseException], ...] = (DataError, BackboneError, TrainingError, ValueError, OSError)
     try:
         return args.func(args)
     except user_errors as exc:
