@@ -16,7 +16,7 @@ import streamlit as st
 st.set_page_config(page_title="Transfer Studio", page_icon="🧠", layout="wide", initial_sidebar_state="expanded")
 
 from ui import session, sidebar, state  # noqa: E402 - set_page_config must come first
-from ui.cache import warm_default_backbone  # noqa: E402
+from ui.cache import freeze_gc_after_imports, warm_default_backbone  # noqa: E402
 from ui.datasets import use_sample  # noqa: E402
 from ui.widgets import PAGES  # noqa: E402
 
@@ -39,4 +39,7 @@ pages = [
 ]
 navigation = st.navigation(pages)
 sidebar.render(ws)
-navigation.run()
+try:
+    navigation.run()
+finally:
+    freeze_gc_after_imports()

@@ -190,7 +190,7 @@ with looks_tab:
                                                        method=method)
                                 word = "what it said" if cls == row.predicted else "the right answer"
                                 col.image(e.overlay, caption=md_escape(f"evidence for {cls} ({word})"), width="stretch")
-                    except (ImageDecodeError, ValueError) as exc:
+                    except (ImageDecodeError, ValueError, OSError) as exc:
                         show_error(str(exc))
             elif view == "Any image":
                 paths = list(ev.paths)
@@ -214,7 +214,7 @@ with looks_tab:
                         for idx in e.probabilities.argsort()[::-1][:5]:
                             st.progress(float(e.probabilities[idx]), text=f"{md_escape(names[idx])}: "
                                                                           f"{e.probabilities[idx]:.0%}")
-                except (ImageDecodeError, ValueError) as exc:
+                except (ImageDecodeError, ValueError, OSError) as exc:
                     show_error(str(exc), hint="Try another image (JPEG or PNG).")
             else:
                 st.caption("Three validation images of each class, each explained for its own class: does the "
@@ -228,7 +228,7 @@ with looks_tab:
                                 items = [(cam.explain_cached(ws, run.run_id, model, p, target=k, method=method).overlay,
                                           Path(p).name) for p in paths]
                                 image_grid(items, columns=6)
-                    except (ImageDecodeError, ValueError) as exc:
+                    except (ImageDecodeError, ValueError, OSError) as exc:
                         show_error(str(exc))
 
 # --------------------------------------------------------------------------------------------------
@@ -273,4 +273,6 @@ with st.expander("Rename or delete this run", icon=":material/edit:"):
     c1.text_input("New name", max_chars=120, **state.RENAME_TO.widget)
     c2.button("Rename", key="eval_rename", disabled=not state.RENAME_TO.get().strip(), on_click=_rename,
               args=(run.run_id,))
-    c3.button("Delete", key="eval_delete", icon=":material/delete:", on_click=_delete, args=(run.run_id,))
+    with c3.popover("Delete", icon=":material/delete:"):
+        st.markdown("Delete this run and its model for good?")
+        st.button("Yes, delete it", key="eval_delete", type="primary", on_click=_delete, args=(run.run_id,))

@@ -115,7 +115,7 @@ if predictor is not None:
                                                method=state.CAM_METHOD.get())
                         st.image(e.overlay, caption=md_escape(f"evidence for {predictor.class_names[e.target]}"),
                                  width="stretch")
-                except (ImageDecodeError, ValueError) as exc:
+                except (ImageDecodeError, ValueError, OSError) as exc:
                     cols[2].caption(md_escape(str(exc)))
     if state.SHOW_CAM.get():
         st.caption(cam.HOW_TO_READ + " " + cam.LIMITS)

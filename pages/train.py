@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from tl_core.training import TrainConfig
 from ui import session, state
 from ui.cache import device_label, pretrained_backbone
 from ui.figures import training_curves
@@ -29,7 +30,9 @@ active = snap is not None and snap.active
 
 info, buttons = st.columns([5, 3], vertical_alignment="center")
 with info:
-    st.markdown(f"**{md_escape(describe(config.resolved()))}**")
+    # While a run is going, show its settings (the Model page may have changed since).
+    shown = TrainConfig.from_dict(snap.config) if active else config.resolved()
+    st.markdown(f"**{md_escape(describe(shown))}**")
     st.caption(f"{len(splits.train)} training and {len(splits.val)} validation images"
                + (f", {len(splits.test)} test images" if splits.test else "") + f" · {device_label()}")
 with buttons:

@@ -532,6 +532,24 @@ def test_session_keys_are_declared_once_and_pages_use_no_raw_keys():
         state._declare(next(iter(keys)), None, "again")
 
 
+def test_runs_can_be_renamed_and_deleted(tiny_dataset):
+    at = new_app().run()
+    ws = workspace(at)
+    job = _tiny_job(tiny_dataset, ws.runs_dir, epochs=2)
+    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
+    job.run()
+    goto(at, "evaluate")
+    assert_clean(at)
+    at.text_input(key="ts_rename_to").input("my <b>first</b> model").run()
+    at.button(key="eval_rename").click().run()
+    assert_clean(at)
+    assert ws.store.list()[0][0].name == "my <b>first</b> model"
+    at.button(key="eval_delete").click().run()
+    assert not at.exception
+    assert ws.store.list()[0] == []
+    assert any("deleted" in s.value for s in at.success)
+
+
 def test_health_findings_have_fixes(tiny_dataset):
     from tl_core.data import load_dataset
     from ui.report import findings

@@ -357,7 +357,7 @@ def test_screenshots_of_every_page(browser, server):
     with artifacts_on_failure("screens", page):
         snap(page, "01-home-empty")
         for title, name in (("Data", "data"), ("Model", "model"), ("Train", "train"), ("Evaluate", "evaluate"),
-                            ("Predict & Export", "predict")):
+                            ("Predict & Export", "predict"), ("Experiments", "experiments")):
             go_page(page, server, title, title)
             snap(page, f"02-{name}-empty")
         page.locator("[data-testid=stSidebarNav]").get_by_text("Home", exact=True).click()
@@ -422,4 +422,19 @@ def test_screenshots_of_every_page(browser, server):
         button(page, "Download the bundle").wait_for(timeout=300_000)
         wait_idle(page)
         snap(page, "07-predict-export-ready")
+        go_page(page, server, "Experiments", "Experiments")
+        button(page, "Suggest a strategy").click()
+        page.get_by_text("Suggested:").wait_for(timeout=300_000)
+        wait_idle(page)
+        snap(page, "08-experiments-recommendation")
+        page.get_by_role("tab", name="Inside the network").click()
+        wait_idle(page)
+        snap(page, "08-experiments-inside")
+        page.get_by_role("tab", name="Scratch vs pretrained").click()
+        button(page, "Run the comparison").click()
+        page.wait_for_timeout(5000)
+        snap(page, "08-experiments-compare-running")
+        page.get_by_text("Guessing the most common class").wait_for(timeout=900_000)
+        wait_idle(page)
+        snap(page, "08-experiments-compare-done")
     context.close()

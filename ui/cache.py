@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -65,8 +66,36 @@ def warm_default_backbone(name: str = "efficientnet_lite0") -> None:
             pretrained_backbone(name)
         except Exception:  # noqa: BLE001 - training will report the problem when it happens
             logging.getLogger(__name__).warning("could not preload %s", name, exc_info=True)
+        freeze_gc()
 
     threading.Thread(target=load, name="transfer-studio-warm-up", daemon=True).start()
+
+
+def freeze_gc() -> None:
+    """Moves everything alive now (torch, timm, plotly, the cached backbone) out of the cyclic GC's sight.
+
+    Streamlit runs a full ``gc.collect(2)`` after every script run (``runner.postScriptGC``),
+    fragment reruns included. With torch and plotly loaded that is ~0.3 s of GIL per run, and three
+    sessions polling their progress once a second then starve the training threads (measured: a
+    10-second fit took over 10 minutes). After ``gc.freeze()`` a full collection only scans objects
+    made since, which takes microseconds. Objects are still freed by reference counting.
+    """
+    import gc
+
+    global _modules_at_freeze
+    with _warm_lock:
+        gc.collect()
+        gc.freeze()
+        _modules_at_freeze = len(sys.modules)
+
+
+_modules_at_freeze = 0
+
+
+def freeze_gc_after_imports() -> None:
+    """:func:`freeze_gc` again when many modules were imported since (ONNX, Grad-CAM, ... load lazily)."""
+    if len(sys.modules) - _modules_at_freeze > 50:
+        freeze_gc()
 
 
 # --------------------------------------------------------------------------------------------------
