@@ -98,6 +98,18 @@ def freeze_gc_after_imports() -> None:
         freeze_gc()
 
 
+@st.cache_resource(show_spinner=False)
+def shared_image_cache():
+    """One decoded-image cache for every session's training (thread-safe, bounded, keyed by content).
+
+    Keys are content hashes, so sharing it leaks nothing between sessions, and three people training
+    on the same photos hold them in memory once instead of three times.
+    """
+    from tl_core.data import ImageCache
+
+    return ImageCache(memory_bytes=384 * 1024**2)
+
+
 # --------------------------------------------------------------------------------------------------
 # Pure functions of data
 

@@ -187,6 +187,7 @@ class TrainingJob:
         on_saved: Called with ``(run_id, FitResult)`` after the run is saved (the workspace keeps the
             model in memory for the Evaluate and Predict pages).
         run_name: Display name of the run.
+        image_cache: Decoded-image cache shared by the sessions (``None``: ``fit`` makes its own).
     """
 
     def __init__(
@@ -199,12 +200,14 @@ class TrainingJob:
         load_backbone: Callable[[str], Any] | None = None,
         on_saved: Callable[[str, Any], None] | None = None,
         run_name: str | None = None,
+        image_cache=None,
     ):
         from tl_core.training import TrainState
 
         self.id = secrets.token_hex(4)
         self.data, self.splits, self.config, self.store = data, splits, config, store
         self.load_backbone, self.on_saved, self.run_name = load_backbone, on_saved, run_name
+        self.image_cache = image_cache
         self.state = TrainState(config=config.resolved())
         self.result = None
         self._lock = threading.Lock()
@@ -321,6 +324,7 @@ class TrainingJob:
                 callbacks=[_ProgressCallback(self)],
                 state=self.state,
                 pretrained_module=module,
+                image_cache=self.image_cache,
             )
             self._set(status="saving", message="Saving the run…")
             path = self.store.save(result, self.data, name=self.run_name)
