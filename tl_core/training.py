@@ -482,6 +482,7 @@ def compute_features(
     Returns:
         ``(features of shape (len(samples), views, dim), seconds spent computing, number read from cache)``.
     """
+    config = config.resolved()
     key = FeatureCache.model_key(config, pre)
     dim = model.spec.feature_dim
     out = np.zeros((len(samples), views, dim), dtype=np.float32)
@@ -500,7 +501,7 @@ def compute_features(
     t0 = time.perf_counter()
     backbone = model.backbone.to(device).eval()
     backbone = backbone.to(memory_format=torch.channels_last)
-    aug = train_augmentation(pre, config.augment) if config.augment != "none" else None
+    aug = train_augmentation(pre, config.augment) if config.augment != "none" and views > 1 else None
     # Each image is decoded once here and its features cached; writing the decoded image as well would
     # only slow this pass down, so new decodes stay in memory.
     image_cache = ImageCache(image_cache.directory, memory_bytes=image_cache.memory_bytes, persist=False)
