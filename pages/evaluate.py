@@ -81,8 +81,12 @@ with overview:
         st.toggle("Show shares of each row instead of counts", **state.CONFUSION_NORMALISED.widget)
         normalised = state.CONFUSION_NORMALISED.get()
         names = ev.class_names
-        picked = ((names.index(state.CELL_TRUE.get()), names.index(state.CELL_PREDICTED.get()))
-                  if state.CELL_TRUE.get() in names and state.CELL_PREDICTED.get() in names else None)
+        # The picked cell, set before the chart is drawn: the chart's identity includes its figure, so
+        # drawing it the same way on the run after a click is what lets that click arrive.
+        for key in (state.CELL_TRUE, state.CELL_PREDICTED):
+            if key.get() not in names:
+                key.set(names[0] if key is state.CELL_TRUE else (names[1] if len(names) > 1 else names[0]))
+        picked = (names.index(state.CELL_TRUE.get()), names.index(state.CELL_PREDICTED.get()))
         event = st.plotly_chart(
             confusion_matrix(ev.confusion(normalize=normalised), names, normalised=normalised, selected=picked),
             key=f"eval_cm_{run.run_id}_{state.EVAL_SPLIT.get()}",
@@ -92,13 +96,13 @@ with overview:
         )
         points = [p for p in (event.selection.points if event else []) if p.get("customdata")]
         if points:
-            i, j = points[0]["customdata"][:2]
-            click = (run.run_id, int(i), int(j))
-            if click != state.CELL_LAST_CLICK.get():
-                state.CELL_LAST_CLICK.set(click)
-                state.CELL_TRUE.set(ev.class_names[int(i)])
-                state.CELL_PREDICTED.set(ev.class_names[int(j)])
-                st.rerun()  # redraw the matrix with the picked cell outlined
+            i, j = (int(v) for v in points[0]["customdata"][:2])
+            if (i, j) != picked:
+                state.CELL_TRUE.set(names[i])
+                state.CELL_PREDICTED.set(names[j])
+                # Redraw with the new cell outlined; the changed figure also starts a fresh, empty
+                # selection, so an old click never overrides a later choice in the select boxes.
+                st.rerun()
     with right:
         st.markdown("**Per class**")
         st.dataframe(ev.per_class(), hide_index=True, key="eval_per_class", column_config={
@@ -116,10 +120,6 @@ with overview:
             st.success("No mistakes on these images.", icon=":material/check_circle:")
 
     st.markdown("**Images of one cell**")
-    names = ev.class_names
-    for key in (state.CELL_TRUE, state.CELL_PREDICTED):
-        if key.get() not in names:
-            key.set(names[0] if key is state.CELL_TRUE else (names[1] if len(names) > 1 else names[0]))
     s1, s2 = st.columns(2)
     s1.selectbox("True class", names, **state.CELL_TRUE.widget)
     s2.selectbox("Predicted class", names, **state.CELL_PREDICTED.widget)

@@ -129,7 +129,6 @@ EVAL_RUN = _declare("ts_eval_run", None, "Run shown on the Evaluate page (None: 
 CONFUSION_NORMALISED = _declare("ts_cm_normalised", False, "Show the confusion matrix as row shares.")
 CELL_TRUE = _declare("ts_cm_true", None, "True class of the confusion-matrix cell whose images are listed.")
 CELL_PREDICTED = _declare("ts_cm_predicted", None, "Predicted class of that cell.")
-CELL_LAST_CLICK = _declare("ts_cm_last_click", None, "The last chart click applied (so an old click does not win).")
 EVAL_SPLIT = _declare("ts_eval_split", "val", "Which split the Evaluate page shows: val or test.")
 CAM_VIEW = _declare("ts_cam_view", "A mistake", "Heat-map view: a mistake, any image, or class by class.")
 CAM_MISTAKE = _declare("ts_cam_mistake", 0, "Which mistake the heat-map view explains.")
