@@ -132,6 +132,7 @@ with compare_tab:
             "best_val_accuracy": st.column_config.NumberColumn("best accuracy", format="percent"),
             "seconds_to_90pct": st.column_config.NumberColumn("seconds to 90% of its best", format="%.0f"),
             "trainable_params": st.column_config.NumberColumn("parameters trained", format="compact"),
+            "epochs_run": st.column_config.NumberColumn("epochs"),
         })
         st.caption(f"Guessing the most common class scores {percent(result.chance_accuracy)}. With a small budget "
                    "and few images, training from scratch barely learns: that is what the pretrained backbone saves.")

@@ -286,9 +286,9 @@ def strategy_curves(history: pd.DataFrame, chance: float | None = None) -> go.Fi
         fig.add_scatter(x=rows["epoch"], y=rows["val_accuracy"], mode="lines+markers", name=name,
                         line=dict(color=colour), row=1, col=2, legendgroup=method, showlegend=False)
     if chance is not None:
-        for col in (1, 2):
-            fig.add_hline(y=chance, line=dict(color=GREY, dash="dot"), row=1, col=col,
-                          annotation_text="guessing" if col == 1 else None, annotation_position="bottom right")
+        fig.add_hline(y=chance, line=dict(color=GREY, dash="dot"), row=1, col=1, annotation_text="guessing",
+                      annotation_position="bottom right")
+        fig.add_hline(y=chance, line=dict(color=GREY, dash="dot"), row=1, col=2)
     fig.update_xaxes(title="seconds of training", row=1, col=1)
     fig.update_xaxes(title="epoch", row=1, col=2)
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%", title="validation accuracy", row=1, col=1)

@@ -55,7 +55,7 @@ def _static_status(ws) -> None:
         st.markdown(":material/cancel: Training cancelled")
 
 
-@st.fragment(run_every=3)
+@st.fragment(run_every=2)
 def _live_status(ws) -> None:
     job = ws.job
     snap = job.snapshot() if job is not None else None
