@@ -9,6 +9,7 @@ from tl_core.runs import RunError
 from ui import cam, session, state
 from ui.cache import run_evaluation, thumb
 from ui.figures import confusion_matrix, metric_bars
+from ui.report import compare_table
 from ui.widgets import flash, go, image_grid, md_escape, percent, require_run, show_error, show_flash
 
 ws = session.current()
@@ -27,7 +28,13 @@ if state.EVAL_RUN.get() not in by_id:
 
 def _run_label(run_id: str) -> str:
     r = by_id[run_id]
-    return f"{r.name} · {percent(r.metrics.get('val_accuracy'))} · {r.created[:16].replace('T', ' ')}"
+    return f"{r.name} · {percent(r.metrics.get('val_accuracy'))} · {r.created[:10]} {r.created[11:19]}"
+
+
+def _short_label(run_id: str) -> str:
+    """Unique, short: the name and the time it was trained."""
+    r = by_id[run_id]
+    return f"{r.name} ({r.created[11:19]})"
 
 
 top = st.columns([5, 2, 2], vertical_alignment="bottom")
@@ -246,10 +253,13 @@ with compare_tab:
         st.multiselect("Runs to compare", list(by_id), format_func=_run_label, **state.COMPARE_RUNS.widget)
         ids = state.COMPARE_RUNS.get()
         if ids:
-            table = ws.store.table()
-            table = table[table["run"].isin(ids)]
-            st.plotly_chart(metric_bars(table, ["val_accuracy", "balanced_accuracy", "macro_f1"]), key="eval_compare_bars")
-            st.dataframe(ws.store.compare(ids).astype(str), key="eval_compare_table")
+            table = ws.store.table().set_index("run").loc[ids].reset_index()
+            table["name"] = [_short_label(r) for r in table["run"]]
+            st.plotly_chart(metric_bars(table, ["val_accuracy", "balanced_accuracy", "macro_f1"]), key="eval_compare_bars",
+                            config={"displayModeBar": False})
+            side = ws.store.compare(ids)
+            side.columns = [_short_label(r) for r in ids]
+            st.dataframe(compare_table(side), key="eval_compare_table")
 
 
 

@@ -40,7 +40,7 @@ if state.PREDICT_SOURCE.get() == "run":
         state.PREDICT_RUN.set(runs[0].run_id)
     st.selectbox("Trained model", list(by_id), **state.PREDICT_RUN.widget,
                  format_func=lambda r: f"{by_id[r].name} · {percent(by_id[r].metrics.get('val_accuracy'))} · "
-                                       f"{by_id[r].created[:16].replace('T', ' ')}")
+                                       f"{by_id[r].created[:10]} {by_id[r].created[11:19]}")
     run = by_id[state.PREDICT_RUN.get()]
     try:
         predictor = Predictor.from_model(ws.model(run.run_id), run.class_names)

@@ -6,7 +6,7 @@ from tl_core.training import TrainConfig
 from ui import session, state
 from ui.cache import device_label, pretrained_backbone, shared_image_cache
 from ui.figures import training_curves
-from ui.settings import current_splits, describe, train_config
+from ui.settings import current_splits, describe, run_name, train_config
 from ui.widgets import go, md_escape, percent, require_data, seconds, show_error
 from ui.worker import TrainingJob
 
@@ -44,7 +44,7 @@ with buttons:
 
 if start and not active:
     ws.job = TrainingJob(data=data, splits=splits, config=config, store=ws.store,
-                         load_backbone=pretrained_backbone, image_cache=shared_image_cache(),
+                         load_backbone=pretrained_backbone, image_cache=shared_image_cache(), run_name=run_name(config),
                          on_saved=lambda run_id, result: ws.remember_model(run_id, result.model)).start()
     st.rerun()
 if stop and active:

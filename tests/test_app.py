@@ -550,6 +550,27 @@ def test_runs_can_be_renamed_and_deleted(tiny_dataset):
     assert any("deleted" in s.value for s in at.success)
 
 
+def test_two_runs_are_compared_side_by_side(tiny_dataset):
+    from ui.settings import run_name
+
+    at = new_app().run()
+    ws = workspace(at)
+    for hidden in (0, 64):
+        job = _tiny_job(tiny_dataset, ws.runs_dir, epochs=2, hidden=hidden)
+        job.run_name = run_name(job.config)
+        job.run()
+    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
+    names = sorted(r.name for r in ws.store.list()[0])
+    assert names == ["efficientnet_lite0 · frozen · 2 epochs", "efficientnet_lite0 · frozen · hidden 64 · 2 epochs"]
+    goto(at, "evaluate")
+    assert_clean(at)
+    tables = [d.value for d in at.dataframe if "val accuracy" in d.value.index]
+    assert len(tables) == 1, "the side-by-side table is shown"
+    table = tables[0]
+    assert len(table.columns) == 2
+    assert table.loc["val accuracy"].str.endswith("%").all()
+
+
 def test_health_findings_have_fixes(tiny_dataset):
     from tl_core.data import load_dataset
     from ui.report import findings

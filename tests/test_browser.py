@@ -327,7 +327,8 @@ def test_refresh_during_training_keeps_the_run(browser, server):
         wait_idle(page)
         # A backbone whose features are not cached yet, so the run lasts long enough to refresh.
         page.locator("[data-testid=stSelectbox]").filter(has_text="Backbone").click()
-        page.get_by_role("option", name="efficientnet_lite2", exact=True).click()
+        page.keyboard.type("efficientnet_lite2")
+        page.keyboard.press("Enter")
         wait_idle(page)
         button(page, "Next: train").click()
         heading(page, "Train")
@@ -425,7 +426,8 @@ def test_screenshots_of_every_page(browser, server):
         # A second run (a head with a hidden layer) so runs can be compared.
         go_page(page, server, "Model", "Model")
         page.locator("[data-testid=stSelectbox]").filter(has_text="Hidden layer").click()
-        page.get_by_role("option", name="256 units").click()
+        page.keyboard.type("256")
+        page.keyboard.press("Enter")
         wait_idle(page)
         go_page(page, server, "Train", "Train")
         train_now(page)

@@ -176,3 +176,25 @@ def split_table(splits, classes: list[str]) -> pd.DataFrame:
     if not len(splits.test):
         df = df.drop(columns=["test"])
     return df
+
+
+_PERCENT_ROWS = ("val accuracy", "balanced accuracy", "macro F1")
+
+
+def compare_table(side: pd.DataFrame) -> pd.DataFrame:
+    """:meth:`RunStore.compare` formatted for people: percentages, rounded losses and seconds, all text."""
+
+    def fmt(row: str, v) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return "–"
+        if row in _PERCENT_ROWS:
+            return f"{float(v):.1%}"
+        if row == "val loss":
+            return f"{float(v):.3f}"
+        if row == "seconds":
+            return f"{float(v):.0f}"
+        if row == "trainable params":
+            return f"{int(v):,}"
+        return str(v)
+
+    return pd.DataFrame({col: [fmt(row, v) for row, v in side[col].items()] for col in side.columns}, index=side.index)

@@ -79,3 +79,24 @@ def describe(config) -> str:
     """One line about a config, for people."""
     strategy = STRATEGY_TEXT[config.strategy][0].lower()
     return f"{config.backbone} · {strategy} · {config.epochs} epochs · augmentation {config.augment}"
+
+
+def run_name(config) -> str:
+    """A short name for a run that says what sets it apart from the default settings."""
+    from tl_core.training import TrainConfig
+
+    cfg, default = config.resolved(), TrainConfig(strategy=config.strategy).resolved()
+    parts = [cfg.backbone, cfg.strategy + (f" {cfg.trainable_stages} stages" if cfg.trainable_stages else "")]
+    if cfg.hidden:
+        parts.append(f"hidden {cfg.hidden}")
+    if cfg.augment != "none":
+        parts.append(f"{cfg.augment} augmentation")
+    if cfg.epochs != default.epochs:
+        parts.append(f"{cfg.epochs} epochs")
+    if cfg.lr != default.lr:
+        parts.append(f"lr {cfg.lr:g}")
+    if cfg.dropout != default.dropout:
+        parts.append(f"dropout {cfg.dropout:g}")
+    if cfg.balance != "auto":
+        parts.append(f"balance {cfg.balance}")
+    return " · ".join(parts)
