@@ -115,7 +115,9 @@ class StudioServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = StudioServer(tmp_path_factory.mktemp("studio-browser")).start()
+    # Its own, empty feature cache: the main flow is timed as a first visit (nothing precomputed).
+    home = tmp_path_factory.mktemp("studio-browser")
+    srv = StudioServer(home, {"TRANSFER_STUDIO_CACHE": str(home / "cache")}).start()
     yield srv
     srv.stop()
     if srv.log_path.exists():

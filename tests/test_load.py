@@ -38,7 +38,7 @@ SESSIONS = 3
 def test_three_concurrent_sessions_train_and_stay_apart(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    server = StudioServer(tmp_path / "studio-load").start()
+    server = StudioServer(tmp_path / "studio-load", {"TRANSFER_STUDIO_CACHE": str(tmp_path / "cache")}).start()
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
