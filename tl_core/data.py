@@ -1361,12 +1361,23 @@ def train_augmentation(pre: Preprocessing, strength: str = "light") -> Callable[
 
 
 def iter_batches(
-    dataset: torch.utils.data.Dataset, batch_size: int, *, order: Sequence[int] | None = None, threads: int | None = None
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    *,
+    order: Sequence[int] | None = None,
+    threads: int | None = None,
+    prefetch: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
-    """Batches of ``dataset`` in ``order``, loaded by a thread pool one batch ahead of the consumer.
+    """Batches of ``dataset`` in ``order``, each loaded by a thread pool.
 
     Threads rather than worker processes: decoding (Pillow) and resizing release the GIL, the app runs
     training in a thread where forking is unsafe, and small datasets do not pay a process start-up.
+
+    Args:
+        prefetch: Load the next batch while the consumer works on this one. Right when the consumer
+            runs elsewhere (a GPU); on a CPU whose cores the model's forward pass already fills, decoding
+            beside it only oversubscribes the cores (OpenMP threads then wait on preempted peers), so
+            there it is faster to decode each batch with all cores and then hand them to the model.
     """
     order = list(range(len(dataset))) if order is None else list(order)
     chunks = iter([order[i : i + batch_size] for i in range(0, len(order), batch_size)])
@@ -1381,11 +1392,15 @@ def iter_batches(
 
     try:
         submit()
-        submit()
+        if prefetch:
+            submit()
         while pending:
             chunk, futures = pending.popleft()
             items = [f.result() for f in futures]
-            submit()
+            if prefetch:
+                submit()
             yield torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]), chunk
+            if not prefetch:
+                submit()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

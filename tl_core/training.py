@@ -526,7 +526,7 @@ def compute_features(
             while start < len(subset):
                 order = list(range(start, len(subset)))
                 try:
-                    for x, _, chunk in iter_batches(ds, bs, order=order):
+                    for x, _, chunk in iter_batches(ds, bs, order=order, prefetch=device.type != "cpu"):
                         if state is not None and state.stop_requested:
                             raise _StopRequested
                         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -636,7 +636,7 @@ def _model_epoch(model, dataset, order, bs, opt, sched, loss_fn, state, events, 
     model.train()
     total, n, t0 = 0.0, 0, time.perf_counter()
     state.batch, state.batches = 0, math.ceil(len(order) / bs)
-    for x, y, _ in iter_batches(dataset, bs, order=order):
+    for x, y, _ in iter_batches(dataset, bs, order=order, prefetch=device.type != "cpu"):
         if state.stop_requested:
             raise _StopRequested
         x = x.to(device, non_blocking=True)
@@ -789,7 +789,7 @@ def fit(
                 with torch.inference_mode():
                     logits = head(f_val_t).float()
                 return eval_loss_fn(logits, y_val_t).item(), torch.softmax(logits, 1).cpu().numpy()
-            probs = predict_probs(model, iter_batches(val_ds, bs * 2), device)
+            probs = predict_probs(model, iter_batches(val_ds, bs * 2, prefetch=device.type != "cpu"), device)
             return float(-np.log(np.clip(probs[np.arange(len(y_val)), y_val], 1e-12, 1)).mean()), probs
 
         def record(epoch: int, train_loss: float, ips: float, t0: float, partial: bool = False) -> bool:
@@ -920,6 +920,6 @@ def _test_evaluation(model, data, splits, pre, image_cache, cfg, device, f_eval)
     else:
         ds = ImageDataset(splits.test, data.class_to_idx, pre, image_cache)
         model.to(device)
-        probs = predict_probs(model, iter_batches(ds, cfg.batch_size * 2), device)
+        probs = predict_probs(model, iter_batches(ds, cfg.batch_size * 2, prefetch=device.type != "cpu"), device)
         model.cpu()
     return Evaluation(list(data.classes), data.targets(splits.test), probs, [s.path for s in splits.test], "test")
