@@ -8,7 +8,7 @@ import streamlit as st
 
 from tl_core import experiments as ex
 from tl_core.backbones import BackboneError
-from ui import session, state
+from ui import recommend, session, state
 from ui.cache import pretrained_backbone, thumb
 from ui.figures import learning_curve, strategy_curves, top_k
 from ui.settings import current_splits
@@ -74,29 +74,18 @@ recommend_tab, compare_tab, curve_tab, inside_tab = st.tabs(
 with recommend_tab:
     st.markdown("Looks at how many images you have and how close they are to everyday photos (what the backbone "
                 "learnt from), and suggests what to train.")
-    job = ws.experiments.get("recommend")
+    job = recommend.current_job(ws, data, backbone)
     if st.button("Suggest a strategy", key="exp_recommend", icon=":material/lightbulb:",
                  disabled=job is not None and job.active):
-        ws.experiments["recommend"] = ExperimentJob(with_backbone(ex.recommend_strategy), training_slot=False,
-                                                    data=data, backbone=backbone).start()
+        recommend.start(ws, data, backbone)
         st.rerun()
     job_panel("recommend")
-    job = ws.experiments.get("recommend")
+    job = recommend.current_job(ws, data, backbone)
     if job is not None and job.status == "done" and job.result is not None:
         rec = job.result
-        st.success(f"**Suggested: {rec.strategy}**"
-                   + (f" (the last {rec.trainable_stages} stages)" if rec.trainable_stages else "")
-                   + f". {md_escape(rec.reason)}", icon=":material/lightbulb:")
-
-        def use_it(strategy=rec.strategy, k=rec.trainable_stages) -> None:
-            from ui.settings import on_strategy_change
-
-            state.STRATEGY.set(strategy)
-            on_strategy_change()
-            if strategy == "partial" and k:
-                state.TRAINABLE_STAGES.set(k)
-
-        st.button("Use this strategy", key="exp_use_recommendation", on_click=use_it, type="primary")
+        st.success(recommend.describe(rec), icon=":material/lightbulb:")
+        st.button("Use this strategy", key="exp_use_recommendation", on_click=recommend.apply, args=(rec,),
+                  type="primary")
         with st.expander("The measurements behind it"):
             st.json({k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in rec.signals.items()})
 

@@ -4,7 +4,7 @@ import streamlit as st
 
 from tl_core.backbones import get_backbone, list_backbones, weights_available
 from tl_core.model import default_trainable_stages
-from ui import session, state
+from ui import recommend, session, state
 from ui.cache import backbone_table, stage_summary
 from ui.figures import human_count, stage_diagram
 from ui.settings import STRATEGY_DEFAULTS, STRATEGY_TEXT, on_strategy_change
@@ -67,6 +67,38 @@ if not ready[spec.name]:
 # Strategy
 
 st.subheader("2 · What learns")
+
+
+def on_person_chose_strategy() -> None:
+    on_strategy_change()
+    state.STRATEGY_SOURCE.set("person")
+
+
+rec_job = None
+if data is not None:
+    # The recommendation runs in the background (its features are the frozen path's, so they are reused).
+    rec_job = recommend.start(ws, data, spec.name) if ready[spec.name] else None
+    if rec_job is not None and rec_job.active:
+
+        @st.fragment(run_every=1.0)
+        def _wait_for_recommendation() -> None:
+            if not rec_job.active:
+                st.rerun()
+            p = rec_job.progress
+            st.caption(f":material/hourglass_top: Analysing your images for a recommendation… "
+                       f"{round(100 * p.fraction) if p else 0}%")
+
+        _wait_for_recommendation()
+    elif rec_job is not None and rec_job.status == "done" and rec_job.result is not None:
+        if recommend.apply_as_default(rec_job):
+            st.rerun()
+        rec = rec_job.result
+        box = st.container(border=True)
+        box.markdown(":material/lightbulb: " + recommend.describe(rec))
+        if state.STRATEGY.get() != rec.strategy:
+            box.button("Use the suggestion", key="model_use_recommendation", on_click=recommend.apply, args=(rec,))
+        else:
+            box.caption("This is the strategy chosen below; you can change it.")
 left, right = st.columns([2, 5], gap="large")
 with left:
     st.radio(
@@ -74,7 +106,7 @@ with left:
         list(STRATEGY_TEXT),
         format_func=lambda s: STRATEGY_TEXT[s][0],
         captions=[STRATEGY_TEXT[s][1] for s in STRATEGY_TEXT],
-        on_change=on_strategy_change,
+        on_change=on_person_chose_strategy,
         help="Freezing keeps what the backbone learnt from ImageNet; fine-tuning adapts it to your images.",
         **state.STRATEGY.widget,
     )
@@ -136,6 +168,8 @@ with c3:
 st.caption(f"Augmentation: **{state.AUGMENT.get()}** (set on the Data page, where you can preview it).")
 if st.button("Restore the recommended settings", icon=":material/restart_alt:", key="model_defaults"):
     for key in (state.BACKBONE, state.STRATEGY, state.TRAINABLE_STAGES, state.EPOCHS, state.LEARNING_RATE,
-                state.HIDDEN, state.DROPOUT, state.BALANCE, state.PATIENCE, state.TIME_BUDGET):
+                state.HIDDEN, state.DROPOUT, state.BALANCE, state.PATIENCE, state.TIME_BUDGET, state.STRATEGY_SOURCE):
         key.reset()
+    if rec_job is not None and rec_job.status == "done" and rec_job.result is not None:
+        recommend.apply(rec_job.result)
     st.rerun()

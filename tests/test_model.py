@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tl_core.backbones import get_backbone, list_backbones
-from tl_core.model import STRATEGIES, HeadConfig, TransferModel, build_model, default_trainable_stages
+from tl_core.model import STRATEGIES, HeadConfig, TransferModel, build_model, default_trainable_stages, fold_batchnorm
 
 ALL = list_backbones()
 HEAVY = {"vgg16", "vit_b_16"}  # a backward pass of either takes seconds on a CPU
@@ -224,3 +224,43 @@ def test_discriminative_learning_rates(strategy, transfer_model):
     backbone_groups = [g for g in groups if g["lr_scale"] == 0.1]
     assert bool(backbone_groups) == (strategy != "frozen")
     torch.optim.AdamW(groups)  # the groups are valid optimizer input
+
+
+@pytest.mark.parametrize("name", [n for n in list_backbones() if n not in ("vgg16", "vit_b_16")])
+def test_fold_batchnorm_computes_the_same_features(name, random_net):
+    """The frozen path's folded copy equals the network, with non-trivial batch-norm statistics."""
+    net = random_net(name)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    size = 224 if name.startswith("vit") else 64
+    x = torch.randn(3, 3, size, size)
+    folded = fold_batchnorm(net, example=x)
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert (folded is not net) == has_bn
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.inference_mode():
+        ref, out = net.eval()(x), folded(x)
+    assert torch.allclose(out, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()) + 1e-6)
+
+
+def test_fold_batchnorm_refuses_a_mismatched_fold():
+    """A conv and batch norm registered side by side but not used in that order are left alone."""
+
+    class Crossed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+            with torch.no_grad():
+                self.bn.running_mean.fill_(2.0)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))  # batch norm first: folding it after the conv would be wrong
+
+    net = Crossed().eval()
+    assert fold_batchnorm(net, example=torch.randn(2, 3, 8, 8)) is net

@@ -47,7 +47,7 @@ from .data import (
     train_augmentation,
 )
 from .evaluation import Evaluation, predict_probs
-from .model import HeadConfig, TransferModel, build_model, weights_label
+from .model import HeadConfig, TransferModel, build_model, fold_batchnorm, weights_label
 from .preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -499,8 +499,10 @@ def compute_features(
         return out, 0.0, cached
     state = events.state if events else None
     t0 = time.perf_counter()
-    backbone = model.backbone.to(device).eval()
-    backbone = backbone.to(memory_format=torch.channels_last)
+    size = pre.input_size
+    backbone = fold_batchnorm(
+        model.backbone.to(device).eval(), example=torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    ).to(memory_format=torch.channels_last)
     aug = train_augmentation(pre, config.augment) if config.augment != "none" and views > 1 else None
     # Each image is decoded once here and its features cached; writing the decoded image as well would
     # only slow this pass down, so new decodes stay in memory.

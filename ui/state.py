@@ -113,6 +113,7 @@ AUGMENT = _declare("ts_augment", "none", "Augmentation strength used in training
 
 BACKBONE = _declare("ts_backbone", "efficientnet_lite0", "Chosen pretrained backbone.")
 STRATEGY = _declare("ts_strategy", "frozen", "frozen, partial or full.")
+STRATEGY_SOURCE = _declare("ts_strategy_source", "default", "Who chose the strategy: default, recommended or person.")
 TRAINABLE_STAGES = _declare("ts_trainable_stages", None, "For partial: how many last stages train (None: default).")
 EPOCHS = _declare("ts_epochs", 40, "Most epochs.")
 LEARNING_RATE = _declare("ts_lr", 3e-3, "Peak learning rate of the head.")
