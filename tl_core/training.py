@@ -563,12 +563,11 @@ class _StopRequested(Exception):
 def _warm_up_head(model, splits, y_train, y_val, pre, cfg, image_cache, feature_cache, device, events, loss_fn, eval_loss_fn) -> dict:
     """Trains the head alone on cached centre-crop features; returns its epoch-0 history row."""
     t0 = time.perf_counter()
-    f_train, s1, c1 = compute_features(
-        model, splits.train, pre, config=cfg, image_cache=image_cache, feature_cache=feature_cache, device=device, events=events
+    f_all, s1, c1 = compute_features(
+        model, splits.train + splits.val, pre, config=cfg, image_cache=image_cache, feature_cache=feature_cache,
+        device=device, events=events,
     )
-    f_val, s2, c2 = compute_features(
-        model, splits.val, pre, config=cfg, image_cache=image_cache, feature_cache=feature_cache, device=device, events=events
-    )
+    f_train, f_val, s2, c2 = f_all[: len(splits.train)], f_all[len(splits.train) :], 0.0, 0
     state = events.state
     head = model.head.to(device)
     feats = torch.from_numpy(f_train[:, 0])
@@ -746,15 +745,20 @@ def fit(
     try:
         if cfg.cached_features:
             views = cfg.views if cfg.augment != "none" else 1
-            all_eval = splits.val + splits.test
-            f_train, s1, c1 = compute_features(
-                model, splits.train, pre, config=cfg, image_cache=image_cache, feature_cache=feature_cache,
-                device=device, events=events, views=views,
+            # One pass over every image for the centre crop (one model copy, fewer odd-sized batches),
+            # then the augmented views of the training images, whose view 0 is then read from the cache.
+            n_train = len(splits.train)
+            f_all, s1, c1 = compute_features(
+                model, splits.train + splits.val + splits.test, pre, config=cfg, image_cache=image_cache,
+                feature_cache=feature_cache, device=device, events=events,
             )
-            f_eval, s2, c2 = compute_features(
-                model, all_eval, pre, config=cfg, image_cache=image_cache, feature_cache=feature_cache,
-                device=device, events=events, views=1,
-            )
+            f_train, f_eval, s2, c2 = f_all[:n_train], f_all[n_train:], 0.0, 0
+            if views > 1:
+                f_train, s2, c2 = compute_features(
+                    model, splits.train, pre, config=cfg, image_cache=image_cache, feature_cache=feature_cache,
+                    device=device, events=events, views=views,
+                )
+                c2 -= n_train
             feature_seconds, features_cached = s1 + s2, c1 + c2
             head = model.head.to(device)
             f_train_t = torch.from_numpy(f_train)
