@@ -10,6 +10,7 @@ from tl_core import experiments as ex
 from tl_core.backbones import BackboneError
 from ui import recommend, session, state
 from ui.cache import pretrained_backbone, thumb
+from ui.export_png import comparison_png, learning_curve_png
 from ui.figures import learning_curve, strategy_curves, top_k
 from ui.settings import current_splits
 from ui.widgets import image_grid, md_escape, percent, require_data, seconds, show_error
@@ -125,6 +126,11 @@ with compare_tab:
         })
         st.caption(f"Guessing the most common class scores {percent(result.chance_accuracy)}. With a small budget "
                    "and few images, training from scratch barely learns: that is what the pretrained backbone saves.")
+        d1, d2 = st.columns(2)
+        d1.download_button("Download CSV", result.to_csv(table="history"), file_name="strategy_comparison.csv",
+                           mime="text/csv", key="exp_compare_csv", icon=":material/download:")
+        d2.download_button("Download PNG", lambda: comparison_png(result), file_name="strategy_comparison.png",
+                           mime="image/png", key="exp_compare_png", icon=":material/image:")
 
 # --------------------------------------------------------------------------------------------------
 # Learning curve
@@ -156,6 +162,11 @@ with curve_tab:
             st.plotly_chart(learning_curve(table, curve.chance_accuracy), key="exp_curve_chart")
             st.caption(f"The band spans the runs with different random picks of the training images; "
                        f"{curve.val_images} validation images.")
+            d1, d2 = st.columns(2)
+            d1.download_button("Download CSV", table.to_csv(index=False), file_name="learning_curve.csv",
+                               mime="text/csv", key="exp_curve_csv", icon=":material/download:")
+            d2.download_button("Download PNG", lambda: learning_curve_png(curve), file_name="learning_curve.png",
+                               mime="image/png", key="exp_curve_png", icon=":material/image:")
 
 # --------------------------------------------------------------------------------------------------
 # Inside the network

@@ -309,6 +309,11 @@ def test_main_flow_sample_train_evaluate_export_predict():
     at.radio(key="ts_cam_view").set_value("Any image").run()
     assert_clean(at)
 
+    # The embedding map: drawn once asked for, one trace per class and kind (right / mistake).
+    at.toggle(key="eval_map_on").set_value(True).run()
+    assert_clean(at)
+    assert len(at.get("plotly_chart")) >= 2, "the map is drawn beside the confusion matrix"
+
     # Export, then predict with the exported bundle as a returning user would.
     goto(at, "predict")
     assert_clean(at)
@@ -373,6 +378,21 @@ def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny
     again.slider(key="ts_exp_budget").set_value(15).run()
     assert_clean(again)
     assert any("Guessing the most common class" in c.value for c in again.caption), "drawn from the saved runs"
+
+
+def test_experiment_png_exports_are_png_images():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from ui.export_png import comparison_png, learning_curve_png
+
+    hist = pd.DataFrame({"method": ["scratch", "scratch", "frozen", "frozen"], "epoch": [1, 2, 1, 2],
+                         "elapsed_seconds": [1.0, 2.0, 1.5, 3.0], "val_accuracy": [0.5, 0.6, 0.7, 0.8]})
+    table = pd.DataFrame({"method": ["frozen", "frozen"], "images_per_class": [1, 5], "mean": [0.6, 0.8],
+                          "min": [0.5, 0.7], "max": [0.7, 0.9]})
+    assert comparison_png(SimpleNamespace(history=lambda: hist, chance_accuracy=0.5)).startswith(b"\x89PNG")
+    assert learning_curve_png(SimpleNamespace(table=lambda: table, chance_accuracy=0.5)).startswith(b"\x89PNG")
 
 
 # --------------------------------------------------------------------------------------------------
