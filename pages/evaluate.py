@@ -7,8 +7,8 @@ import streamlit as st
 from tl_core.preprocess import ImageDecodeError
 from tl_core.runs import RunError
 from ui import cam, session, state
-from ui.cache import run_evaluation, thumb
-from ui.figures import confusion_matrix, metric_bars
+from ui.cache import run_embedding, run_evaluation, thumb
+from ui.figures import confusion_matrix, embedding_map, metric_bars
 from ui.report import compare_table
 from ui.widgets import flash, go, image_grid, md_escape, percent, require_run, show_error, show_flash
 
@@ -64,8 +64,8 @@ st.caption(f"{md_escape(cfg.get('backbone'))} · {cfg.get('strategy')} · {run.m
            f"(best {run.metrics.get('best_epoch')}) · {run.metrics.get('wall_seconds', 0):.0f} s · "
            f"{md_escape(run.meta.get('message', ''))}")
 
-overview, mistakes_tab, looks_tab, compare_tab = st.tabs(
-    ["Overview", "Mistakes", "Where it looks", "Compare runs"])
+overview, mistakes_tab, looks_tab, map_tab, compare_tab = st.tabs(
+    ["Overview", "Mistakes", "Where it looks", "Map of the images", "Compare runs"])
 
 # --------------------------------------------------------------------------------------------------
 # Overview
@@ -237,6 +237,39 @@ with looks_tab:
                                 image_grid(items, columns=6)
                     except (ImageDecodeError, ValueError, OSError) as exc:
                         show_error(str(exc))
+
+# --------------------------------------------------------------------------------------------------
+# Map of the images (embedding)
+
+with map_tab:
+    from tl_core.evaluation import PROJECTIONS
+
+    st.markdown("Every image as a point, placed by what the trained network sees in it: images it finds similar "
+                "sit close together. Colours are the true classes; **crosses are mistakes**. Click a point to see "
+                "its image.")
+    st.caption("How to read it: well-separated clouds mean the features tell your classes apart; a mistake inside "
+               "another class's cloud is an image that looks like that class to the network (or a wrong label). "
+               "What it cannot tell you: distances on a 2-D map are only roughly faithful, and PCA shows only the "
+               "two strongest directions of variation.")
+    method = st.radio("Projection", list(PROJECTIONS), horizontal=True, key="eval_map_method",
+                      format_func={"pca": "PCA (fast)", "tsne": "t-SNE", "umap": "UMAP"}.get)
+    # Tabs all run on every rerun, so the features are only computed once asked for.
+    if len(ev.paths) < 3:
+        st.info("The map needs at least 3 images in this split.", icon=":material/info:")
+    elif st.toggle("Draw the map (reads these images through the network once)", key="eval_map_on"):
+        try:
+            table = run_embedding(str(run.path), state.EVAL_SPLIT.get(), method)
+        except (RunError, ImageDecodeError, ValueError, OSError) as exc:
+            show_error(f"The map cannot be drawn: {exc}")
+        else:
+            picked = st.plotly_chart(embedding_map(table), key="eval_map", on_select="rerun",
+                                     selection_mode="points", config={"displayModeBar": False})
+            points = (picked or {}).get("selection", {}).get("points", []) if picked else []
+            rows = [int(p["customdata"][0]) for p in points if p.get("customdata")]
+            if rows:
+                sel = table.loc[rows[:12]]
+                image_grid([(thumb(r.path), f"{Path(r.path).name} · true {r.true} · said {r.predicted} "
+                             f"({r.confidence:.0%})") for r in sel.itertuples()], columns=6)
 
 # --------------------------------------------------------------------------------------------------
 # Compare runs

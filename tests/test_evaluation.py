@@ -131,3 +131,33 @@ def test_predict_probs_restores_train_mode():
     assert probs.shape == (5, 3)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(predict_probs(model, batches), probs)  # dropout was off: deterministic
+
+
+def test_embedding_map_separates_real_classes():
+    """Features of a pretrained backbone put ants and bees apart on the 2-D map; mistakes are marked."""
+    from pathlib import Path
+
+    from tl_core.evaluation import PROJECTIONS, embedding_table, extract_features, project_2d
+    from tl_core.model import build_model
+    from tl_core.preprocess import Preprocessing
+
+    root = Path(__file__).resolve().parents[1] / "sample_data" / "hymenoptera" / "val"
+    paths = [str(p) for c in ("ants", "bees") for p in sorted((root / c).iterdir())[:8]]
+    y = np.array([0] * 8 + [1] * 8)
+    model = build_model("efficientnet_lite0", 2)
+    feats = extract_features(model, paths, Preprocessing.from_spec(model.spec), batch_size=8)
+    assert feats.shape == (16, model.spec.feature_dim) and np.isfinite(feats).all()
+    assert "pca" in PROJECTIONS and "tsne" in PROJECTIONS
+    for method in ("pca", "tsne"):
+        xy = project_2d(feats, method)
+        assert xy.shape == (16, 2) and np.isfinite(xy).all()
+    xy = project_2d(feats, "pca")
+    # Class centres are further apart than the average spread within a class.
+    c0, c1 = xy[y == 0].mean(0), xy[y == 1].mean(0)
+    spread = np.mean([np.linalg.norm(xy[y == k] - xy[y == k].mean(0), axis=1).mean() for k in (0, 1)])
+    assert np.linalg.norm(c0 - c1) > 0.5 * spread
+    probs = np.tile([[0.9, 0.1]], (16, 1))
+    table = embedding_table(Evaluation(["ants", "bees"], y, probs, paths), xy)
+    assert list(table[["x", "y"]].shape) == [16, 2] and table["correct"].sum() == 8
+    with pytest.raises(ValueError, match="unknown projection"):
+        project_2d(feats, "magic")

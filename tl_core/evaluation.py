@@ -172,3 +172,64 @@ def evaluate_model(
     probs = predict_probs(model, iter_batches(dataset, batch_size), device)
     y = np.array([dataset.class_to_idx[s.label] for s in dataset.samples])
     return Evaluation(list(class_names), y, probs.reshape(len(y), len(class_names)), [s.path for s in dataset.samples], split)
+
+
+def _projections() -> tuple[str, ...]:
+    try:
+        import umap  # noqa: F401
+
+        return ("pca", "tsne", "umap")
+    except ImportError:
+        return ("pca", "tsne")
+
+
+PROJECTIONS = _projections()
+
+
+@torch.inference_mode()
+def extract_features(model, images: Sequence, pre, *, batch_size: int = 32) -> np.ndarray:
+    """Pooled backbone features of ``images`` (paths or bytes), shape ``(n, feature_dim)``."""
+    from .preprocess import preprocess
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([preprocess(im, pre) for im in images[start : start + batch_size]])
+            out.append(model.features(batch).float().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.spec.feature_dim), dtype=np.float32)
+
+
+def project_2d(features: np.ndarray, method: str = "pca", *, seed: int = 0) -> np.ndarray:
+    """A 2-D map of ``features`` for plotting: PCA by default, t-SNE or UMAP (when installed).
+
+    Features are standardised first so no single channel dominates the map.
+    """
+    if method not in PROJECTIONS:
+        raise ValueError(f"unknown projection {method!r}; choose one of {', '.join(PROJECTIONS)}")
+    x = np.asarray(features, dtype=np.float64)
+    if len(x) < 3:
+        raise ValueError("a map needs at least 3 images")
+    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=2, random_state=seed).fit_transform(x)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        return TSNE(n_components=2, perplexity=float(min(30, max(2, (len(x) - 1) // 3))), random_state=seed,
+                    init="pca").fit_transform(x)
+    import umap
+
+    return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
+
+
+def embedding_table(evaluation: Evaluation, coords: np.ndarray) -> pd.DataFrame:
+    """The evaluation's per-image table with the map's ``x``/``y``, ready for a scatter plot."""
+    t = evaluation.table()
+    t["x"], t["y"] = coords[:, 0], coords[:, 1]
+    return t

@@ -196,6 +196,23 @@ def run_evaluation(run_dir: str, split: str = "val"):
     return load_evaluation(Path(run_dir), split)
 
 
+@st.cache_data(max_entries=16, show_spinner="Mapping the images by what the network sees…")
+def run_embedding(run_dir: str, split: str = "val", method: str = "pca"):
+    """2-D map of a run's images from its trained backbone's features (a run never changes once written).
+
+    Returns:
+        The evaluation table with ``x``/``y`` columns (see :func:`tl_core.evaluation.embedding_table`).
+    """
+    from tl_core.evaluation import embedding_table, extract_features, project_2d
+    from tl_core.preprocess import Preprocessing
+    from tl_core.runs import load_model
+
+    ev = run_evaluation(run_dir, split)
+    model = load_model(Path(run_dir))
+    feats = extract_features(model, ev.paths, Preprocessing.from_spec(model.spec))
+    return embedding_table(ev, project_2d(feats, method))
+
+
 @st.cache_data(ttl=60, show_spinner=False)
 def backbone_table() -> pd.DataFrame:
     """One row per registered backbone: what a person needs to choose one."""

@@ -11,6 +11,8 @@ import html
 import math
 from collections.abc import Sequence
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -164,6 +166,28 @@ def confusion_matrix(
                       line=dict(color=ORANGE, width=3))
     fig.update_layout(dragmode=False, clickmode="event+select")
     return _base(fig, height=max(320, min(720, 90 + 60 * n)))
+
+
+def embedding_map(table: pd.DataFrame) -> go.Figure:
+    """Images as points, coloured by true class; mistakes drawn as crosses. ``customdata`` is the row."""
+    fig = go.Figure()
+    for cls, part in table.groupby("true", sort=True):
+        for correct, symbol in ((True, "circle"), (False, "x")):
+            sub = part[part["correct"] == correct]
+            if sub.empty:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=sub["x"], y=sub["y"], mode="markers",
+                    name=f"{safe_label(cls, 24)}" + ("" if correct else " (mistake)"),
+                    marker={"symbol": symbol, "size": 9 if correct else 12, "line": {"width": 1}},
+                    customdata=np.stack([sub.index.to_numpy()], axis=1),
+                    text=[safe_label(Path(p).name, 40) for p in sub["path"]],
+                    hovertemplate="%{text}<extra>" + safe_label(cls, 24) + "</extra>",
+                )
+            )
+    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, legend={"orientation": "h", "y": -0.05})
+    return _base(fig, height=460)
 
 
 def top_k(pairs: Sequence[tuple[str, float]], *, height: int | None = None) -> go.Figure:

@@ -92,9 +92,11 @@ def require_run(ws, runs: list, *, key: str) -> bool:
 
 
 def seconds(s: float | None) -> str:
-    """``75`` -> ``1 min 15 s``; NaN -> ``…``."""
+    """``75`` -> ``1 min 15 s``; ``0.4`` -> ``0.4 s`` (a cached retrain is not "0 s"); NaN -> ``…``."""
     if s is None or not math.isfinite(s):
         return "…"
+    if 0 < s < 9.95:
+        return f"{s:.1f} s"
     s = max(0, int(round(s)))
     if s < 60:
         return f"{s} s"
