@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -70,21 +69,9 @@ def _emit(args, payload: dict | list, human: str) -> None:
     if human:
         print(human)
     if getattr(args, "json", False):
-        print(json.dumps(payload, default=_json_default))
+        from .runs import json_default
 
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return None if math.isnan(o) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+        print(json.dumps(payload, default=json_default))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from .backbones import build_backbone, get_backbone, imagenet_categories
 from .data import ImageCache, ImageSet, Sample, Splits, default_cache_dir, split_dataset
 from .model import build_model, default_trainable_stages
 from .preprocess import Preprocessing, preprocess
+from .runs import write_json
 from .training import (
     Callback,
     FeatureCache,
@@ -289,14 +290,7 @@ class ResultStore:
         path = self.path(experiment, fingerprint, name, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"format": RESULT_FORMAT, "version": RESULT_VERSION, "key": key, **record}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(_clean(record), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(path, _clean(record))
         return path
 
     def clear(self, experiment: str, fingerprint: str) -> None:

@@ -189,9 +189,9 @@ class RunStore:
         try:
             state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
             save_file(state, str(tmp / "weights.safetensors"))
-            _write_json(tmp / "evaluation.json", evaluation)
+            write_json(tmp / "evaluation.json", evaluation)
             # run.json last: a folder without it is incomplete by definition.
-            _write_json(tmp / "run.json", meta)
+            write_json(tmp / "run.json", meta)
             final = self.root / run_id
             os.replace(tmp, final)
         except BaseException:
@@ -208,7 +208,7 @@ class RunStore:
         path = self.path_of(run_id)
         meta = self._read_meta(path)
         meta["name"] = name
-        _write_json(path / "run.json", meta)
+        write_json(path / "run.json", meta)
 
     def delete(self, run_id: str) -> None:
         """Deletes a run (renamed away first, so a half-deleted run is never listed)."""
@@ -332,23 +332,24 @@ def _evaluation_to_json(e: Evaluation) -> dict:
     }
 
 
-def _write_json(path: Path, obj) -> None:
-    """Atomic JSON write (temp file in the same folder, then rename)."""
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write (temp file in the same folder, then rename): readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".json")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, default=_json_default, allow_nan=True)
+            json.dump(obj, f, indent=1, default=json_default, allow_nan=True)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _json_default(o):
+def json_default(o):
+    """``json`` fallback for numpy scalars and arrays and paths (a numpy NaN becomes ``null``)."""
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
-        return float(o)
+        return None if np.isnan(o) else float(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, Path):
