@@ -42,7 +42,7 @@ from PIL import Image
 from torch import nn
 
 from .model import TransferModel
-from .preprocess import _INTERPOLATION, Preprocessing, load_image, to_input, to_rgb
+from .preprocess import INTERPOLATION, Preprocessing, load_image, to_input, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _squashed_input(im: Image.Image, pre: Preprocessing) -> torch.Tensor:
     """1x3xSxS network input of the whole image resized to S x S (no crop, aspect ratio not kept)."""
     size = (pre.input_size, pre.input_size)
     # A writable copy: torch.from_numpy warns on the read-only buffers Pillow hands out.
-    arr = np.array(im.resize(size, _INTERPOLATION[pre.interpolation]))
+    arr = np.array(im.resize(size, INTERPOLATION[pre.interpolation]))
     return to_input(arr, pre).unsqueeze(0)
 
 
@@ -390,7 +390,7 @@ def deletion_score(
         raise ValueError(f"target must be a class index in 0..{model.num_classes - 1}, got {target}")
     pre = preprocessing or Preprocessing.from_spec(model.spec)
     s = pre.input_size
-    im = _as_rgb(image).resize((s, s), _INTERPOLATION[pre.interpolation])
+    im = _as_rgb(image).resize((s, s), INTERPOLATION[pre.interpolation])
     arr = np.asarray(im, dtype=np.float32)
     saliency = _resize_map(np.asarray(heatmap, dtype=np.float32), (s, s)).ravel()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -293,10 +292,3 @@ def build_model(
     model = TransferModel(spec, net, num_classes, head)
     model.set_strategy(strategy, trainable_stages=trainable_stages)
     return model
-
-
-def weights_label(weights: WeightsArg) -> str:
-    """A short description of ``weights`` for configs and fingerprints."""
-    if weights in ("pretrained", "random"):
-        return str(weights)
-    return f"file:{os.path.basename(os.fspath(weights))}"

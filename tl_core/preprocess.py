@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - optional dependency
 
 # Refuse decompression bombs outright instead of Pillow's warning-then-error two-step.
 DEFAULT_MAX_PIXELS = 64_000_000
-_INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 class ImageDecodeError(ValueError):
@@ -241,7 +241,7 @@ def resize_shorter(im: Image.Image, size: int, interpolation: str = "bilinear") 
         new_w, new_h = int(size * w / h), size
     if (new_w, new_h) == (w, h):
         return im
-    return im.resize((new_w, new_h), _INTERPOLATION[interpolation])
+    return im.resize((new_w, new_h), INTERPOLATION[interpolation])
 
 
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:

@@ -47,7 +47,7 @@ from .data import (
     train_augmentation,
 )
 from .evaluation import Evaluation, predict_probs
-from .model import HeadConfig, TransferModel, build_model, fold_batchnorm, weights_label
+from .model import HeadConfig, TransferModel, build_model, fold_batchnorm
 from .preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
