@@ -9,7 +9,7 @@ import streamlit as st
 from tl_core import experiments as ex
 from tl_core.backbones import BackboneError
 from ui import recommend, session, state
-from ui.cache import pretrained_backbone, thumb
+from ui.cache import pretrained_backbone, thumb, with_pretrained
 from ui.export_png import comparison_png, learning_curve_png
 from ui.figures import learning_curve, strategy_curves, top_k
 from ui.settings import current_splits
@@ -29,16 +29,6 @@ try:
 except ValueError as exc:
     show_error(str(exc))
     st.stop()
-
-
-def with_backbone(fn):
-    """Runs ``fn`` with the shared pretrained network, loaded in the experiment's own thread."""
-
-    def run(**kwargs):
-        return fn(pretrained_module=pretrained_backbone(backbone), **kwargs)
-
-    run.__name__ = fn.__name__
-    return run
 
 
 def job_panel(kind: str) -> None:
@@ -104,7 +94,7 @@ with compare_tab:
                   splits=splits, results_dir=ws.experiments_dir)
     if st.button(f"Run the comparison (about {seconds(budget * 3.3)})", key="exp_compare", type="primary",
                  icon=":material/play_arrow:", disabled=job is not None and job.active):
-        ws.experiments["compare"] = ExperimentJob(with_backbone(ex.compare_strategies), **common).start()
+        ws.experiments["compare"] = ExperimentJob(with_pretrained(ex.compare_strategies, backbone), **common).start()
         st.rerun()
     job_panel("compare")
     job = ws.experiments.get("compare")
@@ -146,7 +136,7 @@ with curve_tab:
                       splits=splits, results_dir=ws.experiments_dir)
     if st.button("Draw the learning curve (a few minutes)", key="exp_curve", type="primary",
                  icon=":material/play_arrow:", disabled=job is not None and job.active):
-        ws.experiments["curve"] = ExperimentJob(with_backbone(ex.learning_curve), **curve_args).start()
+        ws.experiments["curve"] = ExperimentJob(with_pretrained(ex.learning_curve, backbone), **curve_args).start()
         st.rerun()
     job_panel("curve")
     job = ws.experiments.get("curve")

@@ -44,6 +44,19 @@ def pretrained_backbone(name: str):
     return build_backbone(name, weights="pretrained", progress=False)
 
 
+def with_pretrained(fn, backbone: str):
+    """``fn`` (an experiment of tl_core.experiments) run with the shared pretrained ``backbone``.
+
+    The network is fetched when ``fn`` runs, so it loads in the experiment's own thread, not the page's.
+    """
+
+    def run(**kwargs):
+        return fn(pretrained_module=pretrained_backbone(backbone), **kwargs)
+
+    run.__name__ = fn.__name__
+    return run
+
+
 _warm_lock = threading.Lock()
 _warmed = False
 

@@ -23,17 +23,14 @@ def current_job(ws, data, backbone: str):
 def start(ws, data, backbone: str):
     """Starts (or returns the running) recommendation for ``data`` with ``backbone``."""
     from tl_core import experiments as ex
-    from ui.cache import pretrained_backbone
+    from ui.cache import with_pretrained
     from ui.worker import ExperimentJob
 
     job = current_job(ws, data, backbone)
     if job is not None and job.status != "failed":
         return job
-
-    def recommend_strategy(**kwargs):
-        return ex.recommend_strategy(pretrained_module=pretrained_backbone(backbone), **kwargs)
-
-    ws.experiments["recommend"] = ExperimentJob(recommend_strategy, training_slot=False, data=data, backbone=backbone).start()
+    fn = with_pretrained(ex.recommend_strategy, backbone)
+    ws.experiments["recommend"] = ExperimentJob(fn, training_slot=False, data=data, backbone=backbone).start()
     return ws.experiments["recommend"]
 
 
