@@ -30,8 +30,9 @@ import pytest
 import torch
 from PIL import Image
 
-import tl_core.data as data_mod
+import tl_core.data.archives as archives_mod
 import tl_core.preprocess as pre_mod
+import tl_core.storage as storage_mod
 from corpus import CASE_NAMES, Case, build_corpus, good_images, heif_available, make_class_folder
 from tl_core.data import (
     CacheError,
@@ -441,8 +442,8 @@ def test_zip_inside_zip_bomb_refuses_the_upload(tmp_path):
 def test_same_zip_twice_reuses_the_extraction(corpus, tmp_path, monkeypatch):
     case = _case(corpus, "zip_slip_parent")
     calls = []
-    real = data_mod.extract_zip
-    monkeypatch.setattr(data_mod, "extract_zip", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = archives_mod.extract_zip
+    monkeypatch.setattr(archives_mod, "extract_zip", lambda *a, **k: calls.append(a) or real(*a, **k))
     work = tmp_path / "work"
     first = load_dataset(case.path, work_dir=work)
     (dest,) = [p for p in work.iterdir() if not p.name.startswith(".")]
@@ -775,9 +776,9 @@ def test_full_disk_while_caching_is_a_clear_error(tmp_path, monkeypatch, where):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if where == "save":
-        monkeypatch.setattr(data_mod.np, "save", full)
+        monkeypatch.setattr(storage_mod.np, "save", full)
     else:
-        monkeypatch.setattr(data_mod.os, "replace", full)
+        monkeypatch.setattr(storage_mod.os, "replace", full)
     cache = ImageCache(tmp_path / "cache")
     with pytest.raises(CacheError) as info:
         cache.get(data.samples[0], PRE)
@@ -792,7 +793,7 @@ def test_read_only_cache_still_decodes(tmp_path, monkeypatch, caplog):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(data_mod.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(storage_mod.tempfile, "mkstemp", denied)
     arr = ImageCache(tmp_path / "cache").get(data.samples[0], PRE)
     assert min(arr.shape[:2]) == PRE.resize_size
     assert "cannot write image cache" in caplog.text

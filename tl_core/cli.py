@@ -250,7 +250,7 @@ def cmd_export(args) -> int:
 
 def _image_files(paths: list[str]) -> list[Path]:
     """The image files named or found (recursively, skipping hidden and junk entries) under ``paths``."""
-    from .data import IMAGE_EXTENSIONS, _is_junk
+    from .data import IMAGE_EXTENSIONS, is_junk as _is_junk
 
     files: list[Path] = []
     for raw in paths:
