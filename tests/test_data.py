@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from corpus import good_images
-from tl_core.data import DataError, ImageCache, ImageSet, load_dataset, split_dataset
+from tl_core.data import DataError, ImageCache, ImageSet, Sample, load_dataset, split_dataset
 from tl_core.preprocess import Preprocessing
 
 PRE = Preprocessing(input_size=56, resize_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -332,6 +332,48 @@ def test_split_fractions_are_checked(split_data):
     for kwargs in ({"val_fraction": 0}, {"val_fraction": 1.0}, {"val_fraction": 0.5, "test_fraction": 0.5}):
         with pytest.raises(ValueError):
             split_dataset(split_data, **kwargs)
+
+
+def _listed(counts: dict[str, int], order: list[int] | None = None) -> ImageSet:
+    """An image set of ``counts`` without files: splitting reads labels and paths only."""
+    samples = [
+        Sample(f"/nowhere/{c}/{i}.jpg", c, None, f"{c}{i}", 64, 64, f"{c}/{i:03d}.jpg")
+        for c, n in counts.items() for i in range(n)
+    ]
+    samples = [samples[i] for i in order] if order is not None else samples
+    return ImageSet(root=Path("/nowhere"), samples=samples, classes=sorted(counts), report=None)
+
+
+def _per_class(samples) -> dict[str, int]:
+    return dict(sorted(Counter(s.label for s in samples).items()))
+
+
+def test_split_gives_every_class_validation_images_even_with_fewer_slots_than_classes():
+    # 6 classes of 2 at 10%: sklearn's stratified split alone refuses (1 validation image for 6 classes).
+    counts = {f"class{i}": 2 for i in range(6)}
+    splits = split_dataset(_listed(counts), val_fraction=0.1, seed=3)
+    assert _per_class(splits.val) == _per_class(splits.train) == {c: 1 for c in counts}
+
+
+def test_split_keeps_lone_images_in_train_and_small_classes_in_every_part():
+    # sklearn refuses a class of one image, and its proportional share gives a class of 2 or 3 beside one
+    # of 60 no validation or test image; each part keeps its size (20% and 10% of the 65 splittable images).
+    splits = split_dataset(_listed({"big": 60, "one": 1, "three": 3, "two": 2}), val_fraction=0.2, test_fraction=0.1)
+    assert _per_class(splits.train) == {"big": 44, "one": 1, "three": 1, "two": 1}
+    assert _per_class(splits.val) == {"big": 11, "three": 1, "two": 1}
+    assert _per_class(splits.test) == {"big": 5, "three": 1}
+    lone = split_dataset(_listed({"one": 1, "other": 1}))
+    assert lone.sizes() == {"train": 2, "val": 0, "test": 0}  # nothing to validate on: fit says so
+
+
+def test_split_does_not_depend_on_the_order_of_the_samples():
+    counts = {"ants": 13, "bees": 7, "wasps": 21}
+    backwards = list(range(sum(counts.values())))[::-1]
+    a = split_dataset(_listed(counts), val_fraction=0.25, test_fraction=0.15, seed=4)
+    b = split_dataset(_listed(counts, order=backwards), val_fraction=0.25, test_fraction=0.15, seed=4)
+    for part in ("train", "val", "test"):
+        assert _ids(getattr(a, part)) == _ids(getattr(b, part))
+    assert [s.label for s in a.val] == sorted(s.label for s in a.val)  # grouped by class
 
 
 # --------------------------------------------------------------------------------------------------

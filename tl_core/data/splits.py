@@ -30,26 +30,62 @@ class Splits:
 
 
 def _stratified(samples: Sequence[Sample], fractions: Sequence[float], seed: int) -> list[list[Sample]]:
-    """Splits each class by ``fractions`` (of the parts after the first); the first part gets the rest."""
-    rng = np.random.default_rng(seed)
-    parts: list[list[Sample]] = [[] for _ in range(len(fractions) + 1)]
-    by_class: dict[str, list[Sample]] = defaultdict(list)
-    for s in samples:
-        by_class[s.label].append(s)
-    for label in sorted(by_class):
-        members = sorted(by_class[label], key=lambda s: s.relpath)
-        order = rng.permutation(len(members))
-        members = [members[i] for i in order]
-        start = 0
-        for k, frac in enumerate(fractions, 1):
-            n = int(round(len(members) * frac))
-            # Every class keeps at least one training image, and gets one validation image if it has two.
-            n = min(max(n, 1 if len(members) >= 2 and frac > 0 else 0), len(members) - start - 1)
-            n = max(n, 0)
-            parts[k] += members[start : start + n]
-            start += n
-        parts[0] += members[start:]
-    return parts
+    """Train (the rest) and one part per fraction of ``samples``, stratified by class and seeded.
+
+    Each part is drawn by :func:`sklearn.model_selection.train_test_split` with ``stratify``, sized by its
+    fraction of all the images in classes that can be split. Around it, the guarantees sklearn does not give
+    (it raises or leaves a class out instead; see :func:`_draw`):
+
+    - a class of one image stays in train;
+    - every class with an image to spare gets at least one image in each part, in turn, and keeps at least
+      one in train, so every class can be validated and learnt;
+    - the result depends on ``seed`` only, not on the order of ``samples``.
+
+    Each part is grouped by class (sorted by name), in random order within a class.
+    """
+    ordered = sorted(samples, key=lambda s: (s.label, s.relpath))  # independent of the caller's order
+    class_idx = {c: i for i, c in enumerate(sorted({s.label for s in ordered}))}
+    y = np.array([class_idx[s.label] for s in ordered], dtype=np.int64)
+    counts = np.bincount(y, minlength=len(class_idx))
+    splittable = int(counts[counts >= 2].sum())
+    rng = np.random.RandomState(seed)  # one stream for every draw: the parts differ and are all seeded
+    rest, parts = np.arange(len(ordered)), []
+    for frac in fractions:
+        rest, drawn = _draw(rest, y, round(splittable * frac), rng)
+        parts.append(drawn)
+    # A stable sort by class keeps sklearn's random order within each class.
+    return [[ordered[i] for i in part[np.argsort(y[part], kind="stable")]] for part in (rest, *parts)]
+
+
+def _draw(
+    idx: np.ndarray, y: np.ndarray, size: int, rng: np.random.RandomState
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rest, drawn)`` of the samples ``idx`` (classes ``y[idx]``): about ``size``, stratified.
+
+    The hand-written parts do what :func:`~sklearn.model_selection.train_test_split` does not: it raises for
+    a class of one member (here it stays in the rest) and for fewer draws than classes (here the size is
+    raised to one per class), and its largest-remainder allocation can give a small class beside large ones
+    no image (here one of its images is swapped with one of the class drawn most, keeping the size).
+    """
+    from sklearn.model_selection import train_test_split  # lazily: importing it takes a second or more
+
+    counts = np.bincount(y[idx], minlength=int(y.max(initial=0)) + 1)
+    splittable = counts[y[idx]] >= 2
+    lone, pool = idx[~splittable], idx[splittable]
+    n_classes = int((counts >= 2).sum())
+    if not len(pool):
+        return idx, pool
+    size = min(max(size, n_classes), len(pool) - n_classes)  # >= 1 per class drawn, >= 1 per class left
+    keep, drawn = train_test_split(pool, test_size=size, stratify=y[pool], random_state=rng)
+    got = np.bincount(y[drawn], minlength=len(counts))
+    for c in np.flatnonzero((counts >= 2) & (got == 0)):
+        donor = int(np.argmax(got))  # the class drawn most (the first by name on a tie) has one to spare
+        back = np.flatnonzero(y[drawn] == donor)[-1]
+        given = np.flatnonzero(y[keep] == c)[0]
+        keep[given], drawn[back] = drawn[back], keep[given]
+        got[donor] -= 1
+        got[c] += 1
+    return np.concatenate([lone, keep]), drawn
 
 
 def split_dataset(
