@@ -2,15 +2,16 @@
 
 Each step of the path has its own module:
 
-- records and errors, :mod:`.records`: :class:`Sample`, :class:`ImageSet`, :class:`DataReport`,
-  :class:`Limits`, :class:`DataError`, :class:`SampleReadError`.
-- 1, sources: :mod:`.folders` (class folders, split folders), :mod:`.archives` (zips, extracted safely
-  and once), :mod:`.tables` (a CSV of ``filename,label``).
-- 2, health, :mod:`.health`: probe every file, skip the unusable, flag the suspicious, find duplicates,
-  build the :class:`DataReport`.
-- 3, splits, :mod:`.splits`: the source's split folders, else stratified and seeded.
-- 4, decoded-image cache, :mod:`.cache`: :class:`ImageCache`, each file decoded and resized once.
-- 5, batches, :mod:`.batches`: :class:`ImageDataset`, :func:`iter_batches`, :func:`train_augmentation`.
+1. sources: :mod:`.folders` (class folders, split folders), :mod:`.archives` (zips, extracted safely and
+   once), :mod:`.tables` (a CSV of ``filename,label``);
+2. health: :mod:`.health` probes every file, skips the unusable, flags the suspicious, finds duplicates
+   and builds the :class:`DataReport`;
+3. splits: :mod:`.splits`, the source's split folders, else stratified and seeded;
+4. decoded-image cache: :mod:`.cache`, the :class:`ImageCache` that decodes and resizes each file once;
+5. batches: :mod:`.batches`, :class:`ImageDataset`, :func:`iter_batches` and :func:`train_augmentation`.
+
+The records every step shares (:class:`Sample`, :class:`ImageSet`, :class:`DataReport`, :class:`Limits`)
+and the errors (:class:`DataError`, :class:`SampleReadError`) live in :mod:`.records`.
 
 :func:`load_dataset` (here) picks the source for a path and runs steps 1 and 2. Every source yields an
 :class:`ImageSet`: the usable samples and a :class:`DataReport` (classes, counts, image sizes, files

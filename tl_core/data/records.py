@@ -41,8 +41,6 @@ class SampleReadError(DataError):
         self.reason = reason
 
 
-
-
 def disk_full(exc: OSError) -> bool:
     """Whether ``exc`` means the disk (or the user's quota) is full."""
     return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
