@@ -32,9 +32,10 @@ class Splits:
 def _stratified(samples: Sequence[Sample], fractions: Sequence[float], seed: int) -> list[list[Sample]]:
     """Train (the rest) and one part per fraction of ``samples``, stratified by class and seeded.
 
-    Each part is drawn by :func:`sklearn.model_selection.train_test_split` with ``stratify``, sized by its
-    fraction of all the images in classes that can be split. Around it, the guarantees sklearn does not give
-    (it raises or leaves a class out instead; see :func:`_draw`):
+    Each part is drawn by :func:`sklearn.model_selection.train_test_split` with ``stratify``. Its size is
+    what splitting each class on its own gives (the class's share, rounded, at least one), so split sizes
+    are those people know from per-class splitting. Around it, the guarantees sklearn does not give (it
+    raises or leaves a class out instead; see :func:`_draw`):
 
     - a class of one image stays in train;
     - every class with an image to spare gets at least one image in each part, in turn, and keeps at least
@@ -47,20 +48,20 @@ def _stratified(samples: Sequence[Sample], fractions: Sequence[float], seed: int
     class_idx = {c: i for i, c in enumerate(sorted({s.label for s in ordered}))}
     y = np.array([class_idx[s.label] for s in ordered], dtype=np.int64)
     counts = np.bincount(y, minlength=len(class_idx))
-    splittable = int(counts[counts >= 2].sum())
     rng = np.random.RandomState(seed)  # one stream for every draw: the parts differ and are all seeded
     rest, parts = np.arange(len(ordered)), []
     for frac in fractions:
-        rest, drawn = _draw(rest, y, round(splittable * frac), rng)
+        share = np.maximum(np.rint(counts * frac), 1).astype(np.int64)  # rint, like round(): half to even
+        rest, drawn = _draw(rest, y, share, rng)
         parts.append(drawn)
     # A stable sort by class keeps sklearn's random order within each class.
     return [[ordered[i] for i in part[np.argsort(y[part], kind="stable")]] for part in (rest, *parts)]
 
 
 def _draw(
-    idx: np.ndarray, y: np.ndarray, size: int, rng: np.random.RandomState
+    idx: np.ndarray, y: np.ndarray, share: np.ndarray, rng: np.random.RandomState
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(rest, drawn)`` of the samples ``idx`` (classes ``y[idx]``): about ``size``, stratified.
+    """``(rest, drawn)`` of the samples ``idx`` (classes ``y[idx]``), drawing the total ``share``, stratified.
 
     The hand-written parts do what :func:`~sklearn.model_selection.train_test_split` does not: it raises for
     a class of one member (here it stays in the rest) and for fewer draws than classes (here the size is
@@ -75,6 +76,7 @@ def _draw(
     n_classes = int((counts >= 2).sum())
     if not len(pool):
         return idx, pool
+    size = int(share[np.unique(y[pool])].sum())
     size = min(max(size, n_classes), len(pool) - n_classes)  # >= 1 per class drawn, >= 1 per class left
     keep, drawn = train_test_split(pool, test_size=size, stratify=y[pool], random_state=rng)
     got = np.bincount(y[drawn], minlength=len(counts))
