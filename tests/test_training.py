@@ -226,7 +226,7 @@ def _nan_training_loss_after(monkeypatch, steps: int) -> None:
                     return super().forward(logits, target) * float("nan")
             return super().forward(logits, target)
 
-    monkeypatch.setattr(training.nn, "CrossEntropyLoss", NaNLoss)
+    monkeypatch.setattr(training.phases.nn, "CrossEntropyLoss", NaNLoss)
 
 
 def test_nan_loss_ends_the_run_as_diverged(data, lite0, cache, monkeypatch):
@@ -277,7 +277,7 @@ def test_imbalanced_data_gets_class_weights(tiny_dataset, lite0, cache, monkeypa
             super().__init__(*args, **kwargs)
             seen.append(kwargs.get("weight"))
 
-    monkeypatch.setattr(training.nn, "CrossEntropyLoss", Spy)
+    monkeypatch.setattr(training.phases.nn, "CrossEntropyLoss", Spy)
     data = load_dataset(tiny_dataset(counts))
     result = run(data, lite0, cache, epochs=1, balance=balance)
     weight = seen[0]
