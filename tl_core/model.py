@@ -228,7 +228,9 @@ class _ConvBnTracer(torch.fx.Tracer):
     whose padding depends on the input size, and ``BatchNormAct2d``), and keeps each as one node."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
@@ -282,7 +284,8 @@ def fold_batchnorm(module: nn.Module, *, example: torch.Tensor | None = None, rt
     try:
         pairs = conv_bn_pairs(folded)
     except Exception as exc:  # noqa: BLE001 - an untraceable network still works, only unfolded
-        logger.warning("cannot trace %s to fold its batch norms (%s); using the network as it is", type(module).__name__, exc)
+        name = type(module).__name__
+        logger.warning("cannot trace %s to fold its batch norms (%s); using the network as it is", name, exc)
         return module
     if not pairs:
         return module

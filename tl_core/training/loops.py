@@ -91,7 +91,9 @@ def model_epoch(model, dataset, order, bs, opt, sched, loss_fn, state, events, l
     return total / max(n, 1), n / max(time.perf_counter() - t0, 1e-9)
 
 
-def validate_head(head: nn.Module, feats: torch.Tensor, targets: torch.Tensor, loss_fn: nn.Module) -> tuple[float, np.ndarray]:
+def validate_head(
+    head: nn.Module, feats: torch.Tensor, targets: torch.Tensor, loss_fn: nn.Module
+) -> tuple[float, np.ndarray]:
     """The head's (validation loss, class probabilities) on cached features."""
     head.eval()
     with torch.inference_mode():
@@ -99,7 +101,9 @@ def validate_head(head: nn.Module, feats: torch.Tensor, targets: torch.Tensor, l
     return loss_fn(logits, targets).item(), torch.softmax(logits, 1).cpu().numpy()
 
 
-def validate_model(model: nn.Module, dataset: ImageDataset, targets: np.ndarray, bs: int, device: torch.device) -> tuple[float, np.ndarray]:
+def validate_model(
+    model: nn.Module, dataset: ImageDataset, targets: np.ndarray, bs: int, device: torch.device
+) -> tuple[float, np.ndarray]:
     """The model's (validation cross-entropy, class probabilities) on images."""
     probs = predict_probs(model, iter_batches(dataset, bs, prefetch=device.type != "cpu"), device)
     return float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1)).mean()), probs

@@ -212,7 +212,9 @@ def _features(run: _Run) -> _Features | None:
     if not (cfg.cached_features or warm_up):
         return None
     started = time.perf_counter()
-    common = dict(config=cfg, image_cache=run.image_cache, feature_cache=run.feature_cache, device=run.device, events=run.events)
+    common = dict(
+        config=cfg, image_cache=run.image_cache, feature_cache=run.feature_cache, device=run.device, events=run.events
+    )
     n_train = len(splits.train)
     samples = splits.train + splits.val + (splits.test if cfg.cached_features else [])
     f_all, seconds, cached = compute_features(run.model, samples, run.pre, **common)
