@@ -1,7 +1,8 @@
 """Tests of :mod:`tl_core.training` with the bundled EfficientNet-Lite0 weights on a few real photos
 (preprocessing fixes the input at 224 px, so random weights at a small size cannot stand in): the
 result, the feature cache, stopping, early stopping, seeding, divergence, the time budget, class
-weights and fine-tuning; plus the accuracy on the bundled ants/bees sample (slow)."""
+weights, the learning-rate schedule and fine-tuning; plus the accuracy on the bundled ants/bees sample
+(slow)."""
 
 from __future__ import annotations
 
