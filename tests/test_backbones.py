@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import urllib.error
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,21 @@ def test_torchvision_spec_agrees_with_weights_meta(name):
     assert list(t.crop_size) == [s.input_size] and list(t.resize_size) == [s.resize_size]
     assert list(t.mean) == pytest.approx(s.mean) and list(t.std) == pytest.approx(s.std)
     assert t.interpolation.value == s.interpolation
+
+
+def test_figures_come_from_torchvision_or_are_published_data():
+    """torchvision specs copy no figures by hand; package specs must carry theirs, and not both."""
+    for name in ALL:
+        s = get_backbone(name)
+        assert (s.published is None) == (s.weights_source == "torchvision")
+        f = s.figures
+        assert (f.params, f.imagenet_top1, f.gflops) == (s.params, s.imagenet_top1, s.gflops)
+        assert f.weights_mb == s.weights_mb
+    lite = get_backbone("efficientnet_lite0")
+    with pytest.raises(ValueError, match="published figures"):
+        replace(lite, published=None)
+    with pytest.raises(ValueError, match="published figures"):
+        replace(get_backbone("resnet18"), published=lite.published)
 
 
 def test_registering_a_name_twice_is_an_error():

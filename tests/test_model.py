@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from tl_core.backbones import get_backbone, list_backbones
-from tl_core.model import STRATEGIES, HeadConfig, TransferModel, build_model, default_trainable_stages, fold_batchnorm
+from tl_core.model import (
+    STRATEGIES,
+    HeadConfig,
+    TransferModel,
+    build_model,
+    conv_bn_pairs,
+    default_trainable_stages,
+    fold_batchnorm,
+)
 
 ALL = list_backbones()
 HEAVY = {"vgg16", "vit_b_16"}  # a backward pass of either takes seconds on a CPU
@@ -264,3 +272,32 @@ def test_fold_batchnorm_refuses_a_mismatched_fold():
 
     net = Crossed().eval()
     assert fold_batchnorm(net, example=torch.randn(2, 3, 8, 8)) is net
+
+
+def test_fold_batchnorm_pairs_layers_by_data_flow_not_registration_order():
+    """A batch norm registered before its convolution is still folded; a conv feeding two layers is not."""
+
+    class Reordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn_shared = nn.BatchNorm2d(4)
+            self.conv_shared = nn.Conv2d(4, 4, 1)
+            with torch.no_grad():
+                for bn in (self.bn, self.bn_shared):
+                    bn.running_mean.uniform_(-1, 1)
+                    bn.running_var.uniform_(0.5, 2.0)
+
+        def forward(self, x):
+            y = self.conv_shared(self.bn(self.conv(x)))
+            return self.bn_shared(y) + y  # the conv's output is also used unnormalised: no fold
+
+    torch.manual_seed(0)
+    net = Reordered().eval()
+    assert conv_bn_pairs(net) == [("conv", "bn")]
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold_batchnorm(net, example=x)
+    assert isinstance(folded.bn, nn.Identity) and isinstance(folded.bn_shared, nn.BatchNorm2d)
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), net(x), atol=1e-5)

@@ -1,12 +1,15 @@
 """Tests of :mod:`tl_core.training` with the bundled EfficientNet-Lite0 weights on a few real photos
 (preprocessing fixes the input at 224 px, so random weights at a small size cannot stand in): the
 result, the feature cache, stopping, early stopping, seeding, divergence, the time budget, class
-weights and fine-tuning; plus the accuracy on the bundled ants/bees sample (slow)."""
+weights, the learning-rate schedule and fine-tuning; plus the accuracy on the bundled ants/bees sample
+(slow)."""
 
 from __future__ import annotations
 
+import errno
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +18,9 @@ import torch
 from torch import nn
 
 from corpus import make_class_folder
-from tl_core import training
+from tl_core import storage, training
 from tl_core.backbones import build_backbone, get_backbone
-from tl_core.data import ImageCache, ImageDataset, load_dataset, split_dataset
+from tl_core.data import CacheError, ImageCache, ImageDataset, load_dataset, split_dataset
 from tl_core.evaluation import evaluate_model
 from tl_core.preprocess import Preprocessing
 from tl_core.training import (
@@ -29,6 +32,7 @@ from tl_core.training import (
     TrainState,
     class_weights,
     fit,
+    lr_schedule,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,7 +230,7 @@ def _nan_training_loss_after(monkeypatch, steps: int) -> None:
                     return super().forward(logits, target) * float("nan")
             return super().forward(logits, target)
 
-    monkeypatch.setattr(training.nn, "CrossEntropyLoss", NaNLoss)
+    monkeypatch.setattr(training.phases.nn, "CrossEntropyLoss", NaNLoss)
 
 
 def test_nan_loss_ends_the_run_as_diverged(data, lite0, cache, monkeypatch):
@@ -264,6 +268,53 @@ def test_class_weights_by_hand():
     np.testing.assert_allclose(w.numpy(), [4 / (3 * 3), 4 / (3 * 1), 4 / (3 * 1)])  # an absent class: as if 1
 
 
+def test_class_weights_are_n_over_k_counts_exactly():
+    """With every class present, scikit-learn's balanced weights are the formula to the last bit."""
+    targets = np.random.default_rng(0).integers(0, 5, size=101)
+    counts = np.bincount(targets, minlength=5).astype(np.float64)
+    expected = torch.tensor(len(targets) / (5 * counts), dtype=torch.float32)
+    assert torch.equal(class_weights(targets, 5), expected)
+
+
+def _warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """The schedule's definition: linear warm-up, cosine to zero, zero past the end."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+@pytest.mark.parametrize(("total", "warmup"), [(40, 4), (12, 3), (6, 6), (3, 5), (1, 1), (2, 1), (100, 1)])
+def test_lr_schedule_is_linear_warmup_then_cosine_in_every_group(total, warmup):
+    head, backbone = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [head], "lr": 3e-3}, {"params": [backbone], "lr": 3e-4}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no scheduler warning (step order, deprecated epoch argument)
+        sched = lr_schedule(opt, total, warmup)
+        for step in range(total + 5):  # past the end too (an out-of-memory retry steps further)
+            for group, peak in zip(opt.param_groups, (3e-3, 3e-4)):
+                assert group["lr"] == pytest.approx(peak * _warmup_cosine(step, total, warmup), rel=1e-9, abs=1e-15)
+            opt.step()
+            sched.step()
+
+
+def test_feature_cache_round_trip_and_full_disk(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path / "features")
+    feat = np.arange(4, dtype=np.float64)
+    cache.put("key", "center", "ab12", feat)
+    got = cache.get("key", "center", "ab12", 4)
+    assert got.dtype == np.float32 and np.array_equal(got, feat)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.np, "save", full)
+    with pytest.raises(CacheError) as info:
+        cache.put("key", "center", "cd34", feat)
+    assert "full" in str(info.value) and "TRANSFER_STUDIO_CACHE" in str(info.value) and info.value.errno == errno.ENOSPC
+    assert not list((tmp_path / "features").rglob("*.tmp"))  # no half-written file left behind
+    assert cache.get("key", "center", "cd34", 4) is None
+
+
 @pytest.mark.parametrize(("counts", "balance", "weighted"), [
     ({"ants": 12, "bees": 4}, "auto", True),
     ({"ants": 8, "bees": 8}, "auto", False),
@@ -277,7 +328,7 @@ def test_imbalanced_data_gets_class_weights(tiny_dataset, lite0, cache, monkeypa
             super().__init__(*args, **kwargs)
             seen.append(kwargs.get("weight"))
 
-    monkeypatch.setattr(training.nn, "CrossEntropyLoss", Spy)
+    monkeypatch.setattr(training.phases.nn, "CrossEntropyLoss", Spy)
     data = load_dataset(tiny_dataset(counts))
     result = run(data, lite0, cache, epochs=1, balance=balance)
     weight = seen[0]

@@ -1,4 +1,7 @@
-"""Pretrained backbones as data: a registry of :class:`BackboneSpec`.
+"""Pretrained backbones as data: a registry of :class:`BackboneSpec`, the first thing a run chooses.
+
+On the data's path it comes before everything else: the spec fixes the preprocessing (:mod:`tl_core.preprocess`)
+that the data is decoded with, and the network :mod:`tl_core.model` wraps with a new head.
 
 A spec says everything the rest of the engine (and a person choosing a model) needs: how to build the
 network, where its ImageNet weights come from, its preprocessing, which submodule is the classifier to
@@ -19,6 +22,7 @@ file (``weights=Path(...)``, ``.pth``/``.pt``/``.bin`` loaded with ``weights_onl
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -44,6 +48,37 @@ class WeightsUnavailableError(BackboneError):
 
 
 @dataclass(frozen=True)
+class ModelFigures:
+    """What a person compares backbones by.
+
+    Attributes:
+        params: Parameter count of the ImageNet network.
+        imagenet_top1: Published ImageNet-1k top-1 accuracy, in percent.
+        gflops: Multiply-adds per image at the input size, in GFLOPs.
+        weights_mb: Size of the weights file, in MB.
+    """
+
+    params: int
+    imagenet_top1: float
+    gflops: float
+    weights_mb: float
+
+
+@functools.cache
+def _torchvision_figures(weights_id: str) -> ModelFigures:
+    """A torchvision backbone's figures, from its weights enum's ``meta`` (nothing is downloaded)."""
+    from torchvision.models import get_weight
+
+    meta = get_weight(weights_id).meta
+    return ModelFigures(
+        params=meta["num_params"],
+        imagenet_top1=meta["_metrics"]["ImageNet-1K"]["acc@1"],
+        gflops=meta["_ops"],
+        weights_mb=meta["_file_size"],
+    )
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """Everything known about one backbone.
 
@@ -63,12 +98,11 @@ class BackboneSpec:
         cam_layer: Dotted name of the layer Grad-CAM reads.
         cam_reshape: ``"vit"`` when the CAM layer yields tokens rather than a feature map.
         stages: Named stages, input to output; each is a tuple of parameter-name prefixes.
-        params: Parameter count of the ImageNet network.
-        imagenet_top1: Published ImageNet-1k top-1 accuracy, in percent.
-        gflops: Multiply-adds per image at ``input_size``, in GFLOPs.
-        weights_mb: Size of the weights file.
         licence: Licence of code and weights.
         description: One plain sentence for a non-programmer.
+        published: The figures of weights that torchvision does not describe (``package`` weights);
+            must be ``None`` for ``torchvision`` weights, whose figures are read from torchvision's
+            ``weights.meta`` (see :attr:`figures`).
     """
 
     name: str
@@ -85,13 +119,42 @@ class BackboneSpec:
     classifier: str
     cam_layer: str
     stages: tuple[tuple[str, tuple[str, ...]], ...]
-    params: int
-    imagenet_top1: float
-    gflops: float
-    weights_mb: float
     licence: str
     description: str
     cam_reshape: Literal["vit"] | None = None
+    published: ModelFigures | None = None
+
+    def __post_init__(self) -> None:
+        if (self.weights_source == "torchvision") == (self.published is not None):
+            raise ValueError(
+                f"{self.name}: give published figures for package weights, and none for torchvision weights "
+                "(their figures come from torchvision's weights.meta)"
+            )
+
+    @property
+    def figures(self) -> ModelFigures:
+        """Parameters, ImageNet top-1, GFLOPs and weights size (torchvision's read from ``weights.meta``)."""
+        return self.published or _torchvision_figures(self.weights_id)
+
+    @property
+    def params(self) -> int:
+        """Parameter count of the ImageNet network."""
+        return self.figures.params
+
+    @property
+    def imagenet_top1(self) -> float:
+        """Published ImageNet-1k top-1 accuracy, in percent."""
+        return self.figures.imagenet_top1
+
+    @property
+    def gflops(self) -> float:
+        """Multiply-adds per image at ``input_size``, in GFLOPs."""
+        return self.figures.gflops
+
+    @property
+    def weights_mb(self) -> float:
+        """Size of the weights file, in MB."""
+        return self.figures.weights_mb
 
     @property
     def stage_names(self) -> list[str]:
@@ -335,7 +398,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 _TORCHVISION_LICENCE = "BSD-3-Clause (torchvision); weights trained on ImageNet-1k, see its terms"
 
 
-def _register_lite(n: int, input_size: int, crop_pct: float, top1: float, gflops: float, params: int, mb: float) -> None:
+def _register_lite(n: int, input_size: int, crop_pct: float, figures: ModelFigures) -> None:
     register_backbone(
         BackboneSpec(
             name=f"efficientnet_lite{n}",
@@ -354,21 +417,21 @@ def _register_lite(n: int, input_size: int, crop_pct: float, top1: float, gflops
             stages=(("stem", ("conv_stem", "bn1")),)
             + tuple((f"block{i}", (f"blocks.{i}",)) for i in range(7))
             + (("head_conv", ("conv_head", "bn2")),),
-            params=params,
-            imagenet_top1=top1,
-            gflops=gflops,
-            weights_mb=mb,
             licence="Apache-2.0",
             description=f"Mobile-friendly EfficientNet without squeeze-excite; works offline. {'Fastest' if n == 0 else 'Larger'}"
             f" of the Lite family at {input_size}px.",
+            published=figures,
         )
     )
 
 
-# Top-1 from the TensorFlow reference (tensorflow/tpu efficientnet/lite README).
-_register_lite(0, 224, 0.875, 75.1, 0.41, 4_652_008, 18.6)
-_register_lite(1, 240, 0.882, 76.7, 0.63, 5_416_680, 21.7)
-_register_lite(2, 260, 0.890, 77.6, 0.90, 6_092_072, 24.4)
+# The PyPI packages carry no metadata, so these figures are data: top-1 and multiply-adds from the
+# TensorFlow reference (tensorflow/tpu models/official/efficientnet/lite README: 407M, 631M, 899M MACs),
+# parameters counted on timm's tf_efficientnet_lite network (tests check the count), megabytes the
+# float32 parameters (4 bytes each; each package's .pth file is about 0.2 MB larger).
+_register_lite(0, 224, 0.875, ModelFigures(params=4_652_008, imagenet_top1=75.1, gflops=0.41, weights_mb=18.6))
+_register_lite(1, 240, 0.882, ModelFigures(params=5_416_680, imagenet_top1=76.7, gflops=0.63, weights_mb=21.7))
+_register_lite(2, 260, 0.890, ModelFigures(params=6_092_072, imagenet_top1=77.6, gflops=0.90, weights_mb=24.4))
 
 _RESNET_STAGES = (("stem", ("conv1", "bn1")),) + tuple((f"layer{i}", (f"layer{i}",)) for i in range(1, 5))
 
@@ -388,10 +451,6 @@ register_backbone(
         classifier="fc",
         cam_layer="layer4",
         stages=_RESNET_STAGES,
-        params=11_689_512,
-        imagenet_top1=69.758,
-        gflops=1.81,
-        weights_mb=44.7,
         licence=_TORCHVISION_LICENCE,
         description="The classic small residual network of the PyTorch tutorial; a solid baseline.",
     )
@@ -412,10 +471,6 @@ register_backbone(
         classifier="fc",
         cam_layer="layer4",
         stages=_RESNET_STAGES,
-        params=25_557_032,
-        imagenet_top1=80.858,
-        gflops=4.09,
-        weights_mb=97.8,
         licence=_TORCHVISION_LICENCE,
         description="A deeper ResNet: more accurate, about twice as slow as ResNet-18.",
     )
@@ -445,10 +500,6 @@ register_backbone(
             ("head_conv", ("features.12",)),
             ("pre_logits", ("classifier.0",)),
         ),
-        params=2_542_856,
-        imagenet_top1=67.668,
-        gflops=0.06,
-        weights_mb=9.8,
         licence=_TORCHVISION_LICENCE,
         description="Tiny and very fast; good for phones and small cloud containers, less accurate.",
     )
@@ -479,10 +530,6 @@ register_backbone(
             ("head_conv", ("features.16",)),
             ("pre_logits", ("classifier.0",)),
         ),
-        params=5_483_032,
-        imagenet_top1=75.274,
-        gflops=0.22,
-        weights_mb=21.1,
         licence=_TORCHVISION_LICENCE,
         description="Fast mobile network with good accuracy for its size.",
     )
@@ -505,10 +552,6 @@ register_backbone(
         stages=(("stem", ("features.0",)),)
         + tuple((f"stage{i}", (f"features.{i}",)) for i in range(1, 8))
         + (("head_conv", ("features.8",)),),
-        params=5_288_548,
-        imagenet_top1=77.692,
-        gflops=0.39,
-        weights_mb=20.5,
         licence=_TORCHVISION_LICENCE,
         description="Accurate for its size, with squeeze-excite blocks.",
     )
@@ -537,10 +580,6 @@ register_backbone(
             ("fc6", ("classifier.0",)),
             ("fc7", ("classifier.3",)),
         ),
-        params=138_357_544,
-        imagenet_top1=71.592,
-        gflops=15.47,
-        weights_mb=527.8,
         licence=_TORCHVISION_LICENCE,
         description="The textbook network of early transfer learning; large and slow, easy to explain.",
     )
@@ -568,10 +607,6 @@ register_backbone(
             ("stage4", ("features.6", "features.7")),
             ("norm", ("classifier.0",)),
         ),
-        params=28_589_128,
-        imagenet_top1=82.52,
-        gflops=4.46,
-        weights_mb=109.1,
         licence=_TORCHVISION_LICENCE,
         description="A modern convolutional network; very accurate, slower on a CPU.",
     )
@@ -600,10 +635,6 @@ register_backbone(
             ("blocks9-11", tuple(f"encoder.layers.encoder_layer_{i}" for i in range(9, 12))),
             ("norm", ("encoder.ln",)),
         ),
-        params=86_567_656,
-        imagenet_top1=81.072,
-        gflops=17.56,
-        weights_mb=330.3,
         licence=_TORCHVISION_LICENCE,
         description="A transformer that reads the image as 16x16 patches; strong but heavy on a CPU.",
     )

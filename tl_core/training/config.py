@@ -1,0 +1,291 @@
+"""Training, step 1 of the fit: what a run is (:class:`TrainConfig`), what callbacks see while it runs
+(:class:`TrainState`, :class:`Callback`, the event names) and what it returns (:class:`FitResult`).
+
+Events ``fit_start``, ``phase_start``, ``batch_end``, ``epoch_start``, ``epoch_end``, ``message`` and
+``fit_end`` go to :class:`Callback` objects together with the :class:`TrainState` (fastai's event loop). A
+stop is a request (:meth:`TrainState.request_stop`, thread-safe) that the loop honours between batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ..data import Splits
+    from ..evaluation import Evaluation
+    from ..model import TransferModel
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message explains why and what to try."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Defaults suit a laptop CPU.
+
+    Attributes:
+        backbone: Registered backbone name.
+        strategy: ``frozen``, ``partial`` or ``full``.
+        trainable_stages: For ``partial``: how many of the last stages train (``None``: the default).
+        weights: ``pretrained``, ``random``, or a path to a state-dict file.
+        hidden: Width of an optional hidden layer in the head (0: none).
+        dropout: Dropout in the head.
+        epochs: Most epochs (``None``: 40 on cached features, 8 when fine-tuning).
+        batch_size: Images per batch (``None``: 64 on cached features, 16 when fine-tuning).
+        lr: Peak learning rate of the head (``None``: 3e-3 on cached features, 1e-3 when fine-tuning).
+        backbone_lr_mult: The backbone's learning rate as a fraction of the head's.
+        weight_decay: AdamW weight decay.
+        label_smoothing: Label smoothing of the cross-entropy.
+        warmup_epochs: Linear warm-up before the cosine decay.
+        patience: Early stopping after this many epochs without a better validation loss (0: off).
+        balance: ``auto`` (class weights when the largest class is 1.5x the smallest), ``weights``,
+            ``sampler`` (balanced sampling) or ``none``.
+        augment: ``auto`` (``none`` on cached features, ``light`` when fine-tuning), ``none``, ``light``
+            (random crop + flip) or ``strong`` (also colour jitter).
+        views: Augmented views per image cached on the frozen path when ``augment`` is on.
+        head_warmup: Fine-tuning a pretrained backbone (``partial``/``full``) first trains the new head
+            for this many epochs on cached features (0: off), as fastai's ``fine_tune`` does: a random
+            head would otherwise send large, noisy gradients into the pretrained layers. The warmed-up
+            model is recorded as epoch 0, so fine-tuning never ends worse than the frozen result.
+        val_fraction: Validation share when the data has no split folders.
+        test_fraction: Test share when the data has no split folders.
+        seed: Seed of the split, the initialisation and the batch order.
+        max_seconds: Wall-clock budget of the whole fit, feature extraction included (``None``: no
+            limit); when it runs out the run ends like a stop request, keeping the best epoch.
+        device: ``auto`` (CUDA, then MPS, then CPU), or a torch device string.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    strategy: Literal["frozen", "partial", "full"] = "frozen"
+    trainable_stages: int | None = None
+    weights: str = "pretrained"
+    hidden: int = 0
+    dropout: float = 0.2
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-2
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    patience: int = 0
+    balance: Literal["auto", "weights", "sampler", "none"] = "auto"
+    augment: Literal["auto", "none", "light", "strong"] = "auto"
+    views: int = 4
+    head_warmup: int = 20
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 0
+    max_seconds: float | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("frozen", "partial", "full"):
+            raise ValueError(f"strategy must be frozen, partial or full, not {self.strategy!r}")
+        if self.trainable_stages is not None and self.strategy != "partial":
+            raise ValueError("trainable_stages applies to the partial strategy only")
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be at least 1, got {v}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.views < 1:
+            raise ValueError("views must be at least 1")
+
+    @property
+    def cached_features(self) -> bool:
+        """Whether the fast path applies: nothing in the backbone trains."""
+        return self.strategy == "frozen"
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every ``None`` default filled in for this strategy."""
+        fast = self.cached_features
+        return replace(
+            self,
+            epochs=self.epochs or (40 if fast else 8),
+            batch_size=self.batch_size or (64 if fast else 16),
+            lr=self.lr or (3e-3 if fast else 1e-3),
+            augment=self.augment if self.augment != "auto" else ("none" if fast else "light"),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------------------
+# State and callbacks
+
+
+@dataclass
+class TrainState:
+    """What a callback sees. Updated in place by :func:`fit`.
+
+    Attributes:
+        phase: ``setup``, ``features`` (computing cached features) or ``train``.
+        epoch: Current epoch, from 1.
+        epochs: Planned epochs.
+        batch: Batches done in this phase/epoch.
+        batches: Batches in this phase/epoch.
+        loss: Running training loss of the epoch.
+        history: One dict per finished epoch (losses, accuracies, seconds, images per second, lr).
+        images_per_sec: Throughput of the current phase.
+        eta_seconds: Estimated seconds left in the current phase.
+        best_epoch: Epoch of the best validation loss so far.
+        device: Device in use.
+        messages: Notes for the person (e.g. an out-of-memory retry).
+    """
+
+    config: TrainConfig
+    phase: str = "setup"
+    epoch: int = 0
+    epochs: int = 0
+    batch: int = 0
+    batches: int = 0
+    loss: float = float("nan")
+    history: list[dict] = field(default_factory=list)
+    images_per_sec: float = 0.0
+    eta_seconds: float = float("nan")
+    best_epoch: int = 0
+    best_val_loss: float = float("inf")
+    device: str = "cpu"
+    started: float = field(default_factory=time.time)
+    messages: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    deadline: float | None = None
+
+    def request_stop(self) -> None:
+        """Asks the loop to stop after the current batch; safe from any thread."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set() or self.out_of_time
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    @property
+    def fraction_done(self) -> float:
+        if self.phase == "features":
+            return self.batch / max(self.batches, 1)
+        if self.phase == "train" and self.epochs:
+            return min(1.0, (self.epoch - 1 + self.batch / max(self.batches, 1)) / self.epochs)
+        return 0.0
+
+
+class Callback:
+    """Receives training events; override the ones you need."""
+
+    def on_fit_start(self, state: TrainState) -> None: ...
+    def on_phase_start(self, state: TrainState) -> None: ...
+    def on_epoch_start(self, state: TrainState) -> None: ...
+    def on_batch_end(self, state: TrainState) -> None: ...
+    def on_epoch_end(self, state: TrainState) -> None: ...
+    def on_message(self, state: TrainState, message: str) -> None: ...
+    def on_fit_end(self, state: TrainState) -> None: ...
+
+
+class _Events:
+    def __init__(self, callbacks: Sequence[Callback], state: TrainState):
+        self.callbacks, self.state = list(callbacks), state
+
+    def __call__(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, f"on_{event}")(self.state, *args)
+
+    def message(self, text: str) -> None:
+        logger.info(text)
+        self.state.messages.append(text)
+        self("message", text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class FitResult:
+    """The outcome of :func:`fit`.
+
+    Attributes:
+        model: The trained model (best epoch restored), on the CPU, in eval mode.
+        config: The resolved config.
+        class_names: Class names in output order.
+        splits: The samples of each split.
+        history: One dict per epoch.
+        evaluation: Predictions on the validation split by the restored model.
+        test_evaluation: The same on the test split, when there is one.
+        status: ``completed``, ``early_stopped``, ``stopped`` (by request), ``time_budget`` or ``diverged``.
+        message: A sentence on how it ended, for people.
+        best_epoch: The epoch restored.
+        wall_seconds: Time of the whole fit.
+        feature_seconds: Time spent computing backbone features (0 when all were cached).
+        features_cached: Number of feature vectors read from the cache.
+        device: Device used.
+    """
+
+    model: TransferModel
+    config: TrainConfig
+    class_names: list[str]
+    splits: Splits
+    history: list[dict]
+    evaluation: Evaluation
+    test_evaluation: Evaluation | None
+    status: str
+    message: str
+    best_epoch: int
+    wall_seconds: float
+    feature_seconds: float
+    features_cached: int
+    device: str
+
+    def summary(self) -> dict:
+        m = self.evaluation.metrics()
+        trainable, total = self.model.count_params()
+        return {
+            "val_accuracy": m["accuracy"],
+            "balanced_accuracy": m["balanced_accuracy"],
+            "macro_f1": m["macro_f1"],
+            "val_loss": m["loss"],
+            "test_accuracy": self.test_evaluation.metrics()["accuracy"] if self.test_evaluation else None,
+            "epochs_run": sum(1 for r in self.history if r["epoch"] > 0),
+            "best_epoch": self.best_epoch,
+            "status": self.status,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "feature_seconds": round(self.feature_seconds, 3),
+            "features_cached": self.features_cached,
+            "device": self.device,
+            "trainable_params": trainable,
+            "total_params": total,
+            "train_images": len(self.splits.train),
+            "val_images": len(self.splits.val),
+        }
+
+
+
+class _StopRequested(Exception):
+    """Raised inside the loop when a stop was requested or the time budget ran out."""
+
+
+class _Diverged(Exception):
+    """Raised inside the loop when a loss stopped being a number."""
