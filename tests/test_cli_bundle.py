@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -84,3 +86,18 @@ def test_predict_errors_are_one_line(tmp_path, trained):
     assert_one_line_error(cli("predict", not_zip, tmp_path), "zip")
     _, bundle = trained
     assert_one_line_error(cli("predict", bundle, tmp_path / "missing"), "does not exist")
+
+
+def test_json_line_is_strict_json(capsys):
+    """``--json`` prints NaN and infinity as null and numpy numbers as plain ones (tl_core.storage.to_jsonable)."""
+    from tl_core.cli import _emit
+
+    payload = {"loss": float("nan"), "eta": np.float64("inf"), "n": np.int64(3), "acc": np.float32(0.5), "out": Path("a/b")}
+    _emit(Namespace(json=True), payload, "done")
+    human, line = capsys.readouterr().out.splitlines()
+
+    def strict(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    assert human == "done"
+    assert json.loads(line, parse_constant=strict) == {"loss": None, "eta": None, "n": 3, "acc": 0.5, "out": "a/b"}

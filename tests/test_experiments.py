@@ -115,7 +115,7 @@ def _forbid_fit(monkeypatch) -> None:
     def fit(*args, **kwargs):
         raise AssertionError("a saved result should have been reused, but a model was trained")
 
-    monkeypatch.setattr(experiments, "fit", fit)
+    monkeypatch.setattr(experiments.common, "fit", fit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,8 +236,8 @@ def test_stop_keeps_finished_runs_and_saves_no_partial_run(data, net, tmp_path, 
 
     # Resuming computes only what is missing.
     calls = []
-    real_fit = experiments.fit
-    monkeypatch.setattr(experiments, "fit", lambda *a, **k: calls.append(a[1].strategy) or real_fit(*a, **k))
+    real_fit = experiments.common.fit
+    monkeypatch.setattr(experiments.common, "fit", lambda *a, **k: calls.append(a[1].strategy) or real_fit(*a, **k))
     resumed = compare_strategies(data, budget_seconds=BUDGET, methods=("frozen", "finetuned"), results_dir=tmp_path, pretrained_module=net)
     assert resumed.complete and resumed.runs["frozen"].cached and not resumed.runs["finetuned"].cached
     assert calls == ["partial"]
@@ -336,7 +336,7 @@ def test_recommend_strategy_on_tiny_data(data, net):
 )
 def test_recommendation_rules(median, confidence, separability, expected):
     spec = get_backbone(BACKBONE)
-    strategy, stages, reason = experiments._decide(spec, median, confidence, separability)
+    strategy, stages, reason = experiments.recommend._decide(spec, median, confidence, separability)
     assert strategy == expected
     assert reason.endswith(".") and "  " not in reason
     if strategy == "partial":

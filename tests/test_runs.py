@@ -3,7 +3,9 @@ a store that stays readable when a write was interrupted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from corpus import make_class_folder
 from tl_core.backbones import build_backbone
 from tl_core.data import load_dataset
+from tl_core.evaluation import Evaluation
 from tl_core.runs import RunError, RunInfo, RunStore, load_evaluation, load_model
 from tl_core.training import TrainConfig, fit
 
@@ -179,3 +182,49 @@ def test_run_json_is_plain_json(store, trained):
     meta = json.loads((path / "run.json").read_text(encoding="utf-8"))
     assert meta["run_id"] == path.name and meta["num_classes"] == 2
     assert meta["strategy"] == {"name": "frozen", "trainable_stages": 0}
+
+
+def test_non_finite_numbers_are_stored_as_null_and_every_reader_copes(store, trained):
+    """A NaN or infinity (a head warm-up's throughput, a loss that is not a number) is stored as ``null``.
+
+    Both files stay strict JSON, and the readers (listing, comparing, the stored evaluation and the
+    UI's comparison table) show ``null`` as missing, as they showed NaN before.
+    """
+    from ui.report import compare_table
+
+    data, (result, _) = trained
+    ev = result.evaluation
+    probs = ev.probs.copy()
+    probs[0] = np.nan  # the first validation image: its loss, and so the mean loss, is not a number
+    odd = dataclasses.replace(
+        result,
+        evaluation=Evaluation(ev.class_names, ev.y_true, probs, ev.paths, ev.split),
+        history=[{**r, "train_loss": float("nan"), "images_per_sec": float("inf")} for r in result.history],
+    )
+    summary = odd.summary()
+    assert math.isnan(summary["val_loss"]) and math.isfinite(summary["val_accuracy"])
+    path = store.save(odd, data, name="odd numbers")
+
+    def strict(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    meta = json.loads((path / "run.json").read_text(encoding="utf-8"), parse_constant=strict)
+    stored = json.loads((path / "evaluation.json").read_text(encoding="utf-8"), parse_constant=strict)
+    assert meta["summary"]["val_loss"] is None and meta["metrics"]["loss"] is None
+    assert meta["summary"]["val_accuracy"] == summary["val_accuracy"]
+    assert all(r["train_loss"] is None and r["images_per_sec"] is None for r in meta["history"])
+    assert stored["val"]["probs"][0] == [None, None]
+
+    info = store.get(path.name)
+    assert info.row()["val_accuracy"] == summary["val_accuracy"]
+    assert list(store.table()["run"]) == [path.name]
+    side = store.compare([path.name])
+    assert side.loc["val loss", "odd numbers"] is None
+    shown = compare_table(side)
+    assert shown.loc["val loss", "odd numbers"] == "–"
+    assert shown.loc["val accuracy", "odd numbers"] == f"{summary['val_accuracy']:.1%}"
+
+    back = load_evaluation(info)
+    assert back.probs.dtype == np.float64 and np.isnan(back.probs[0]).all()
+    np.testing.assert_allclose(back.probs[1:], ev.probs[1:], atol=1e-6)
+    assert math.isnan(back.metrics()["loss"]) and back.metrics()["accuracy"] == summary["val_accuracy"]

@@ -69,9 +69,9 @@ def _emit(args, payload: dict | list, human: str) -> None:
     if human:
         print(human)
     if getattr(args, "json", False):
-        from .runs import json_default
+        from .storage import to_jsonable
 
-        print(json.dumps(payload, default=json_default))
+        print(json.dumps(to_jsonable(payload)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ def read_bundle(path: str) -> tuple[dict, bytes]:
 
 # --------------------------------------------------------------------------------------------------
 # Preprocessing: the same steps, in the same order, as tl_core.preprocess
+#
+# Hand-written on purpose, not imported from tl_core.preprocess: this file ships alone inside every
+# bundle and must run where only onnxruntime, numpy and Pillow are installed (no torch, no torchvision,
+# no tl_core). tests/test_export.py checks that it gives the studio's inputs and probabilities.
 
 
 def load_image(path: str, draft_size: int) -> Image.Image:

@@ -7,6 +7,10 @@ A run is a folder ``<root>/<run_id>/`` holding:
 * ``evaluation.json``: the validation (and test) predictions: true labels, probabilities, paths;
 * ``weights.safetensors``: the trained model's state dict.
 
+Numbers that are not finite (NaN, infinity: the throughput of a fine-tuning run's head warm-up, the
+metrics of an empty split) are stored as ``null`` (:func:`tl_core.storage.to_jsonable`), so both files
+are strict JSON; readers treat ``null`` as missing.
+
 Writes go to a hidden temporary folder that is renamed into place when complete, so an interrupted
 write never leaves a half run; a damaged run is reported by :meth:`RunStore.list` and skipped.
 """
@@ -31,6 +35,7 @@ import pandas as pd
 
 from . import __version__
 from .evaluation import Evaluation
+from .storage import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +299,9 @@ def load_evaluation(run: RunInfo | str | os.PathLike, split: str = "val") -> Eva
         d = json.loads((path / "evaluation.json").read_text(encoding="utf-8"))[split]
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise RunError(f"{path.name} has no stored {split} evaluation ({exc})") from exc
-    return Evaluation(d["class_names"], np.array(d["y_true"]), np.array(d["probs"]), d["paths"], split)
+    # dtype=float: a value stored as null (a NaN or infinity, see tl_core.storage) reads back as NaN.
+    probs = np.array(d["probs"], dtype=float)
+    return Evaluation(d["class_names"], np.array(d["y_true"]), probs, d["paths"], split)
 
 
 def load_model(run: RunInfo | str | os.PathLike):
@@ -330,28 +337,3 @@ def _evaluation_to_json(e: Evaluation) -> dict:
         "probs": np.round(e.probs, 6).tolist(),
         "paths": e.paths,
     }
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write (temp file in the same folder, then rename): readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, default=json_default, allow_nan=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def json_default(o):
-    """``json`` fallback for numpy scalars and arrays and paths (a numpy NaN becomes ``null``)."""
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return None if np.isnan(o) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tl_core.storage import write_json
+
 logger = logging.getLogger(__name__)
 
 SID_PARAM = "sid"
@@ -140,7 +142,7 @@ class Workspace:
         with self.lock:
             self.dataset = data
             self.origin = {"kind": kind, "path": str(path), "label": label}
-            _write_json(self.root / "workspace.json", {"origin": self.origin})
+            write_json(self.root / "workspace.json", {"origin": self.origin}, indent=None)
 
     def clear_dataset(self) -> None:
         with self.lock:
@@ -350,12 +352,6 @@ class WorkspaceRegistry:
 
 
 REGISTRY = WorkspaceRegistry()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,328 @@
+"""Step 1, export: a trained model and everything needed to use it, written into one bundle zip.
+
+:func:`export_bundle` (a model in memory) and :func:`export_run` (a saved run) save the weights
+(safetensors), TorchScript and ONNX into a temporary folder, render ``model.json``, the model card
+(:mod:`.card`) and ``predict.py``, and write the zip atomically (:func:`tl_core.storage.atomic_write`).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import importlib.metadata
+import importlib.resources
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model import TransferModel
+from ..preprocess import Preprocessing
+from ..storage import atomic_write, to_jsonable
+from .card import render_model_card
+from .common import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INPUT_NAME,
+    MODEL_CARD_FILE,
+    MODEL_JSON,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    PREDICT_FILE,
+    TORCHSCRIPT_FILE,
+    WEIGHTS_FILE,
+    ExportError,
+    _check_class_names,
+    _log_caught,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def export_bundle(
+    model: TransferModel,
+    out: str | os.PathLike,
+    *,
+    class_names: Sequence[str],
+    metrics: dict | None = None,
+    train_config: dict | None = None,
+    data_summary: dict | None = None,
+    confusion: Sequence[Sequence[int]] | None = None,
+    class_counts: dict[str, int] | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Writes ``model`` and everything needed to use it into one zip file.
+
+    The zip is written to a temporary file in the same folder and then renamed over ``out``, so
+    ``out`` is never left half-written. ``model`` itself is not changed (a CPU float32 copy is
+    exported).
+
+    Args:
+        model: The trained model.
+        out: Path of the ``.zip`` to write; its folder is created if needed.
+        class_names: Class names in the order of the model's outputs.
+        metrics: Evaluation metrics (e.g. ``{"accuracy": 0.93}``); JSON-serialisable values.
+        train_config: The training settings.
+        data_summary: Facts about the data (e.g. ``{"train_images": 240, "val_images": 153}``).
+        confusion: Validation confusion matrix, rows true class, columns predicted, in class order.
+        class_counts: Training images per class.
+        extra: Anything else to keep in ``model.json``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: if the arguments contradict the model (class count, confusion shape, unknown
+            class in ``class_counts``) or ``out`` is a folder.
+        TypeError: if a value of ``metrics``, ``train_config``, ``data_summary`` or ``extra`` cannot be
+            stored as JSON (checked before the slow export starts).
+        ExportError: if TorchScript or ONNX export fails.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the path of the zip file to write, e.g. {out / 'model.zip'}")
+    names = _check_class_names(class_names, model.num_classes)
+    confusion_rows = _check_confusion(confusion, names)
+    counts = _check_class_counts(class_counts, names)
+    # Converted now, so a value JSON cannot hold fails before the slow export, not after it.
+    try:
+        described = to_jsonable(
+            {
+                "train_config": train_config,
+                "metrics": metrics,
+                "data_summary": data_summary,
+                "class_counts": counts,
+                "confusion_matrix": confusion_rows,
+                "extra": extra,
+            }
+        )
+    except TypeError as exc:
+        raise TypeError(f"{exc} (in {MODEL_JSON})") from exc
+    spec = model.spec
+
+    # A copy, so the caller's model keeps its device, dtype, train mode and gradients.
+    net = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    size = spec.input_size
+    # Batch 2, not 1: torch.export specialises dimensions of size 1, which would pin the batch axis.
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tl-export-") as tmp_name:
+        tmp = Path(tmp_name)
+        aliases = _save_weights(net, tmp / WEIGHTS_FILE)
+        _save_torchscript(net, example, tmp / TORCHSCRIPT_FILE)
+        opset = _save_onnx(net, example, tmp / ONNX_FILE)
+        meta = to_jsonable(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "backbone": spec.name,
+                "backbone_info": {
+                    "family": spec.family,
+                    "licence": spec.licence,
+                    "params": spec.params,
+                    "imagenet_top1": spec.imagenet_top1,
+                    "weights_source": spec.weights_source,
+                },
+                "num_classes": model.num_classes,
+                "class_names": names,
+                "head": asdict(model.head_config),
+                "strategy": model.strategy,
+                "trainable_stages": model.trainable_stages,
+                "preprocessing": Preprocessing.from_spec(spec).to_dict(),
+                "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
+                "output": {"name": OUTPUT_NAME, "shape": ["batch", model.num_classes], "dtype": "float32",
+                           "meaning": "logits; softmax gives class probabilities"},
+                "files": {
+                    "weights": WEIGHTS_FILE,
+                    "torchscript": TORCHSCRIPT_FILE,
+                    "onnx": ONNX_FILE,
+                    "model_card": MODEL_CARD_FILE,
+                    "predict": PREDICT_FILE,
+                },
+                "weights_aliases": aliases,
+                "onnx_exporter": "torch.onnx.export(dynamo=True)",
+                "onnx_opset": opset,
+                **described,
+                "versions": _versions(),
+            }
+        )
+        texts = {
+            MODEL_JSON: json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+            MODEL_CARD_FILE: render_model_card(meta),
+            PREDICT_FILE: predict_script(),
+        }
+        _write_zip_atomically(out, texts, [tmp / WEIGHTS_FILE, tmp / TORCHSCRIPT_FILE, tmp / ONNX_FILE])
+    logger.info("exported %s (%d classes) to %s (%.1f MB)", spec.name, model.num_classes, out, out.stat().st_size / 1e6)
+    return out
+
+
+def export_run(run, out: str | os.PathLike) -> Path:
+    """Exports a saved run (a :class:`~tl_core.runs.RunInfo` or its folder) as a bundle.
+
+    The bundle gets the run's config, metrics, data summary, training counts per class and the
+    confusion matrix of its stored validation predictions.
+
+    Raises:
+        tl_core.runs.RunError: if the run cannot be read.
+    """
+    from ..runs import RunError, RunInfo, RunStore, load_evaluation, load_model
+
+    if not isinstance(run, RunInfo):
+        path = Path(run)
+        run = RunStore(path.parent).get(path.name)
+    try:
+        confusion = load_evaluation(run, "val").confusion().tolist()
+    except RunError:
+        confusion = None
+    data = run.meta.get("data") or {}
+    return export_bundle(
+        load_model(run),
+        out,
+        class_names=run.class_names,
+        metrics=run.meta.get("metrics"),
+        train_config=run.config,
+        data_summary=data,
+        confusion=confusion,
+        class_counts=(data.get("split_counts") or {}).get("train"),
+    )
+
+
+def _check_confusion(confusion: Sequence[Sequence[int]] | None, names: list[str]) -> list[list[int]] | None:
+    if confusion is None:
+        return None
+    arr = np.asarray(confusion)
+    n = len(names)
+    if arr.shape != (n, n):
+        raise ValueError(f"the confusion matrix must be {n}x{n} (one row and column per class), got shape {arr.shape}")
+    if (arr < 0).any() or not np.allclose(arr, np.round(arr)):
+        raise ValueError("the confusion matrix must hold non-negative image counts")
+    return np.round(arr).astype(int).tolist()
+
+
+def _check_class_counts(class_counts: dict[str, int] | None, names: list[str]) -> dict[str, int] | None:
+    if class_counts is None:
+        return None
+    unknown = [c for c in class_counts if c not in names]
+    if unknown:
+        raise ValueError(f"class_counts names classes the model does not have: {unknown}")
+    return {c: int(class_counts[c]) for c in names if c in class_counts}
+
+
+def _save_weights(net: nn.Module, path: Path) -> dict[str, str]:
+    """Saves the state dict as safetensors; returns ``{alias: stored name}`` for tied tensors."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in net.state_dict().items():
+        t = t.detach()
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and view in views:
+            # Tied weights: store once. load_state_dict fills every name of a tied parameter anyway.
+            aliases[name] = views[view]
+            continue
+        views[view] = name
+        ptr = t.untyped_storage().data_ptr()
+        whole = t.is_contiguous() and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+        # safetensors refuses tensors that share memory or are views into a larger buffer.
+        tensors[name] = t if whole and ptr not in storages else t.clone(memory_format=torch.contiguous_format)
+        storages.add(ptr)
+    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    return aliases
+
+
+def _save_torchscript(net: nn.Module, example: torch.Tensor, path: Path) -> None:
+    # TorchScript is deprecated in recent torch (FutureWarning) but is still the simplest artifact to
+    # load from C++ or a plain `torch.jit.load`. Tracer warnings come from shape asserts (ViT checks
+    # the image size), which are constants of the bundle; dynamic batch is checked by check_fidelity.
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            traced = torch.jit.trace(net, example, check_trace=False)
+            torch.jit.save(traced, str(path))
+    except Exception as exc:
+        raise ExportError(f"TorchScript export of {net.spec.name} failed: {type(exc).__name__}: {exc}") from exc
+    _log_caught(caught, "torchscript")
+
+
+def _save_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> int | None:
+    """Exports ONNX with a dynamic batch axis into one self-contained file; returns the opset."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            program = torch.onnx.export(
+                net,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                external_data=False,
+                verbose=False,
+            )
+            program.save(str(path), external_data=False)
+    except Exception as exc:
+        raise ExportError(f"ONNX export of {net.spec.name} failed: {type(exc).__name__}: {exc}") from exc
+    _log_caught(caught, "onnx")
+    strays = [p.name for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path]
+    if strays:
+        raise ExportError(f"the ONNX export wrote its weights to separate files ({strays}); a bundle needs one file")
+    opset_imports = getattr(getattr(program, "model", None), "opset_imports", None) or {}
+    return opset_imports.get("")
+
+
+def _write_zip_atomically(out: Path, texts: dict[str, str], files: list[Path]) -> None:
+    now = dt.datetime.now().timetuple()[:6]
+
+    def entry(name: str, compress_type: int) -> zipfile.ZipInfo:
+        info = zipfile.ZipInfo(name, date_time=now)
+        info.compress_type = compress_type
+        info.external_attr = (stat.S_IFREG | 0o644) << 16  # plain readable files when unzipped
+        return info
+
+    with atomic_write(out) as raw:
+        with zipfile.ZipFile(raw, "w") as zf:
+            for name, text in texts.items():
+                zf.writestr(entry(name, zipfile.ZIP_DEFLATED), text)
+            for file in files:
+                # Float weights barely compress; storing them keeps export and loading fast.
+                info = entry(file.name, zipfile.ZIP_STORED)
+                info.file_size = file.stat().st_size  # lets zipfile choose ZIP64 only when needed
+                with open(file, "rb") as src, zf.open(info, "w") as dst:
+                    shutil.copyfileobj(src, dst, 16 * 1024**2)
+        # On disk before the rename: a bundle is often copied away or the machine shut down right
+        # after an export, and a crash must not leave an empty zip under the final name.
+        raw.flush()
+        os.fsync(raw.fileno())
+
+
+def _versions() -> dict[str, str]:
+    from ..runs import library_versions
+
+    versions = library_versions()
+    for dist in ("onnxscript", "Pillow"):  # the ONNX exporter, and what predict.py decodes with
+        try:
+            versions[dist.lower()] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist.lower()] = "not installed"
+    return versions
+
+
+def predict_script() -> str:
+    """The text of the bundle's stand-alone ``predict.py``."""
+    return importlib.resources.files("tl_core").joinpath("predict_template.py").read_text(encoding="utf-8")
