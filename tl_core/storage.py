@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
@@ -65,7 +66,8 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple, set, frozenset)):
         items = sorted(obj, key=str) if isinstance(obj, (set, frozenset)) else obj
         return [to_jsonable(v) for v in items]
-    if isinstance(obj, np.ndarray) or type(obj).__module__ == "torch" and hasattr(obj, "tolist"):
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported; never import it here
+    if isinstance(obj, np.ndarray) or torch is not None and isinstance(obj, torch.Tensor):
         return to_jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         return to_jsonable(obj.item())
