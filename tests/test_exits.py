@@ -14,6 +14,8 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "hymenoptera"
 
@@ -24,6 +26,7 @@ def _python(code: str, tmp_path: Path, timeout: float = 300) -> subprocess.Compl
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_process_that_ran_apptest_exits_cleanly(tmp_path):
     proc = _python(
         """
@@ -62,6 +65,7 @@ def test_exit_during_the_backbone_preload_waits_for_it(tmp_path):
     assert "terminate called" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_with_stderr_to_a_pipe_writes_lines_not_bar_frames(tmp_path):
     data = tmp_path / "data"
     for cls in ("ants", "bees"):
