@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -56,8 +57,6 @@ class TqdmProgress:
     def _end_phase(self, state) -> None:
         # The phase that just ended, summed up in one line when there are no bars to show it.
         if self.enabled and not self.bars and self._phase == "features":
-            import time
-
             self._line(f"features: done in {time.perf_counter() - self._phase_start:.1f} s "
                        f"({state.images_per_sec:.1f} images/s)")
         self._phase = None
@@ -65,8 +64,6 @@ class TqdmProgress:
     def on_fit_start(self, state) -> None: ...
 
     def on_phase_start(self, state) -> None:
-        import time
-
         self._close()
         self._end_phase(state)
         self._phase = state.phase

@@ -43,7 +43,9 @@ PAGES: dict[str, PageInfo] = {
 }
 # The Experiments page needs tl_core.experiments (an optional part of the engine).
 if importlib.util.find_spec("tl_core.experiments") is not None:
-    PAGES["experiments"] = PageInfo("experiments", str(_PAGES_DIR / "experiments.py"), "Experiments", ":material/science:")
+    PAGES["experiments"] = PageInfo(
+        "experiments", str(_PAGES_DIR / "experiments.py"), "Experiments", ":material/science:"
+    )
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&=])")
 
