@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -179,8 +180,16 @@ def test_unknown_options_of_engine_commands_are_still_errors(capsys):
 def test_cloud_entry_point_runs_the_studio_and_its_navigation(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
+    # The entry point sets environment defaults and adds --sample to sys.argv, as it should in its own
+    # server process; here they must not leak into the other tests of this process.
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRANSFER_STUDIO_TRAINING_SLOTS", "TRANSFER_STUDIO_SESSION_GRACE"):
+        monkeypatch.setenv(var, os.environ.get(var, "unset"))
+        if os.environ[var] == "unset":
+            monkeypatch.delenv(var)
     monkeypatch.setenv("TRANSFER_STUDIO_HOME", str(tmp_path / "home"))
     at = AppTest.from_file(str(ROOT / "cloud" / "streamlit_app.py"), default_timeout=180).run()
+    assert os.environ["TRANSFER_STUDIO_TRAINING_SLOTS"] == "1" and "--sample" in sys.argv
     assert not at.exception, [e.value for e in at.exception]
     assert [t.value for t in at.title][:1] == ["Transfer Studio"]
     # Page paths must resolve although the entry point is not in the repository root.
