@@ -66,6 +66,20 @@ def test_exit_during_the_backbone_preload_waits_for_it(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_that_ends_during_the_preload_leaves_it_intact(tmp_path):
+    # app.py (run bare, as a script) starts the preload, renders the sidebar (which imports torch) and
+    # ends at once. The preload used to import torch, torchvision and timm on its own thread while the
+    # main thread imported torch and then started the interpreter's exit, whose hooks (torch's own,
+    # registered after the preload's) tore torch down under it: "'_OpNamespace' 'prims' object has no
+    # attribute ...", or an abort.
+    proc = _python("import app", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "could not preload" not in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_train_with_stderr_to_a_pipe_writes_lines_not_bar_frames(tmp_path):
     data = tmp_path / "data"
     for cls in ("ants", "bees"):

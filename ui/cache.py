@@ -83,6 +83,15 @@ def warm_default_backbone(name: str = "efficientnet_lite0") -> None:
         if _warmed:
             return
         _warmed = True
+    # The imports happen here, on the calling thread, once per process, for two reasons. Importing
+    # torch, torchvision and timm on two threads at once (the preload and a page importing torch) can
+    # hand one of them a half-initialised module. And the modules' own exit hooks must be registered
+    # before ours: atexit runs last-registered first, so ours then waits for the preload before torch
+    # tears itself down (otherwise: "'_OpNamespace' 'prims' object has no attribute ...", or an abort).
+    # The page imports torch on this run anyway; timm and torchvision add a second or two.
+    import timm  # noqa: F401 - imports torch and torchvision too
+
+    import tl_core.backbones  # noqa: F401
 
     def load() -> None:
         if _exiting.is_set():
