@@ -69,9 +69,9 @@ _WARM_EXIT_WAIT_S = 60.0
 def warm_default_backbone(name: str = "efficientnet_lite0") -> None:
     """Loads the default backbone in a background thread, once per process.
 
-    The first Start then finds it in the resource cache instead of spending seconds importing timm
-    and reading the weights; the cache's per-key lock makes a Start during the warm-up wait for it
-    rather than load a second copy.
+    The first Start then finds it in the resource cache instead of spending seconds building it and
+    reading the weights; the cache's per-key lock makes a Start during the warm-up wait for it rather
+    than load a second copy.
 
     A process may end while the preload is inside torch (an AppTest script, a test run, Ctrl+C just
     after the start). A daemon thread is then frozen mid-call while the interpreter and torch's C++
