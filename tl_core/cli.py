@@ -572,6 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     user_errors: tuple[type[BaseException], ...] = (DataError, BackboneError, TrainingError, ValueError, OSError)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`transfer-studio inspect DATA | head`): not an error worth a message.
+        # Point stdout at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except user_errors as exc:
         if args.verbose:
             logger.exception("failed")
