@@ -1,6 +1,8 @@
 """Transfer Studio: a no-code studio for training image classifiers by transfer learning.
 
-Run with ``streamlit run app.py`` (add ``-- --sample`` to start with the bundled sample data loaded).
+Run with ``streamlit run app.py`` (add ``-- --sample`` to start with the bundled sample data loaded),
+or ``transfer-studio app [--sample]`` once the package is installed. Community Cloud runs it through
+``cloud/streamlit_app.py``.
 
 This file is the one router (STYLE habit 10): page config, session state defaults, the session's
 workspace, the shared sidebar, and ``st.navigation([...]).run()``. The pages live in ``pages/``.

@@ -1,7 +1,10 @@
-"""Command line: ``python -m tl_core {inspect,train,predict,export,explain,compare,backbones}``.
+"""Command line: ``transfer-studio`` (or ``python -m tl_core``)
+``{inspect,train,predict,export,explain,compare,backbones,app}``.
 
-Progress bars go to stderr; results to stdout. With ``--json`` the last line of stdout is one JSON
-document (a contract that scripts and tests rely on). Errors exit non-zero with one readable line.
+Progress goes to stderr (tqdm bars on a terminal, one plain line per step otherwise); results to stdout.
+With ``--json`` the last line of stdout is one JSON document (a contract that scripts and tests rely
+on). Errors exit non-zero with one readable line. ``app`` starts the Streamlit studio; this module
+never imports Streamlit itself.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -20,26 +24,60 @@ logger = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
 
 
-class TqdmProgress:
-    """A training callback drawing tqdm bars on stderr: one for features, one for epochs."""
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
-    def __init__(self, enabled: bool = True):
+
+class TqdmProgress:
+    """A training callback showing progress on stderr.
+
+    On a terminal: tqdm bars, one for features and one for epochs. Otherwise (a log file, a pipe, CI)
+    redrawn bars would only pile up carriage-return frames, so it writes one plain line when each phase
+    starts, one per epoch and one when the features are done.
+    """
+
+    def __init__(self, enabled: bool = True, *, bars: bool | None = None):
         self.enabled = enabled
+        self.bars = _stderr_is_terminal() if bars is None else bars
         self.bar = None
+        self._phase: str | None = None
+        self._phase_start = 0.0
 
     def _close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
+    def _line(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def _end_phase(self, state) -> None:
+        # The phase that just ended, summed up in one line when there are no bars to show it.
+        if self.enabled and not self.bars and self._phase == "features":
+            self._line(f"features: done in {time.perf_counter() - self._phase_start:.1f} s "
+                       f"({state.images_per_sec:.1f} images/s)")
+        self._phase = None
+
     def on_fit_start(self, state) -> None: ...
 
     def on_phase_start(self, state) -> None:
-        from tqdm import tqdm
-
         self._close()
+        self._end_phase(state)
+        self._phase = state.phase
+        self._phase_start = time.perf_counter()
         if not self.enabled:
             return
+        if not self.bars:
+            if state.phase == "features":
+                self._line(f"features: computing, {state.batches} batches")
+            elif state.phase == "train":
+                self._line(f"training: {state.epochs} epochs")
+            return
+        from tqdm import tqdm
+
         if state.phase == "features":
             self.bar = tqdm(total=state.batches, desc="features", unit="batch", file=sys.stderr, leave=False)
         elif state.phase == "train":
@@ -53,16 +91,20 @@ class TqdmProgress:
             self.bar.set_postfix(img_s=f"{state.images_per_sec:.1f}")
 
     def on_epoch_end(self, state) -> None:
+        row = state.history[-1]
         if self.bar is not None:
-            row = state.history[-1]
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
+        elif self.enabled and not self.bars:
+            self._line(f"epoch {len(state.history)}/{state.epochs}: loss {row['train_loss']:.3f}, "
+                       f"val accuracy {row['val_accuracy']:.3f}")
 
     def on_message(self, state, message: str) -> None:
         print(message, file=sys.stderr)
 
     def on_fit_end(self, state) -> None:
         self._close()
+        self._end_phase(state)
 
 
 def _emit(args, payload: dict | list, human: str) -> None:
@@ -186,16 +228,24 @@ def cmd_compare(args) -> int:
 
     data = load_dataset(args.data, work_dir=args.work_dir)
     bar = None
-    if not args.quiet:
+    bars = _stderr_is_terminal()
+    if not args.quiet and bars:
         from tqdm import tqdm
 
         bar = tqdm(total=100, file=sys.stderr, leave=False, bar_format="compare {percentage:3.0f}%|{bar:20}| {desc}")
+    last_step = [-1]
 
     def progress(p) -> None:
+        eta = "" if p.eta_seconds is None else f" (about {p.eta_seconds:.0f} s left)"
         if bar is not None:
             bar.n = round(100 * p.fraction)
-            eta = "" if p.eta_seconds is None else f" (about {p.eta_seconds:.0f} s left)"
             bar.set_description_str(f"{p.message[:70]}{eta}", refresh=True)
+        elif not args.quiet:
+            # Not a terminal: one line per 10 % instead of a redrawn bar.
+            step = int(10 * p.fraction)
+            if step > last_step[0]:
+                last_step[0] = step
+                print(f"compare {10 * step:3d}% {p.message[:70]}{eta}", file=sys.stderr, flush=True)
 
     try:
         comparison = compare_strategies(
@@ -348,12 +398,68 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def studio_root() -> Path:
+    """The folder holding the studio: ``app.py``, ``pages/``, ``.streamlit/`` and ``sample_data/``.
+
+    The studio is installed with the repository's layout next to the ``ui`` package, so this is the
+    checkout for ``python -m tl_core`` in a clone or an editable install, and ``site-packages`` for a
+    wheel. ``ui`` is located without importing it (it imports Streamlit).
+
+    Raises:
+        FileNotFoundError: the studio's files are not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("ui")
+    if spec is not None and spec.origin:
+        root = Path(spec.origin).resolve().parent.parent
+        if (root / "app.py").is_file() and (root / "pages").is_dir():
+            return root
+    raise FileNotFoundError("the studio's files (app.py, pages/, ui/) are not installed; reinstall transfer-studio")
+
+
+def app_command(args, root: Path | None = None) -> tuple[list[str], Path]:
+    """The ``streamlit run`` command line for ``transfer-studio app`` and the folder to run it in.
+
+    It runs in the studio's folder so Streamlit reads the studio's ``.streamlit/config.toml`` (upload
+    limit, theme, no file watcher) whatever folder the command was typed in.
+    """
+    root = studio_root() if root is None else root
+    cmd = [sys.executable, "-m", "streamlit", "run", str(root / "app.py"), "--server.port", str(args.port)]
+    if args.address:
+        cmd += ["--server.address", args.address]
+    if args.browser:
+        cmd += ["--server.headless", "false"]
+    cmd += list(getattr(args, "streamlit_args", []))
+    if args.sample:
+        cmd += ["--", "--sample"]
+    return cmd, root
+
+
+def cmd_app(args) -> int:
+    cmd, root = app_command(args)
+    print(f"Transfer Studio: http://localhost:{args.port} (Ctrl+C stops it)", file=sys.stderr, flush=True)
+    if os.name == "posix":
+        # Become the Streamlit server: Ctrl+C, SIGTERM and the exit code then belong to it directly,
+        # and no orphaned server outlives a killed launcher.
+        os.chdir(root)
+        os.execv(cmd[0], cmd)
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=root)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the console sent Ctrl+C to Streamlit too; let it shut down
+        return proc.wait()
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tl_core", description="Transfer Studio's engine on the command line.")
+    prog = "transfer-studio" if Path(sys.argv[0]).stem == "transfer-studio" else "python -m tl_core"
+    p = argparse.ArgumentParser(prog=prog, description="Transfer Studio's engine on the command line, and the studio.")
     p.add_argument("--version", action="version", version=f"transfer-studio {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     sub = p.add_subparsers(dest="command", required=True)
@@ -429,21 +535,48 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("backbones", help="list the backbones")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_backbones)
+
+    sp = sub.add_parser("app", help="open the studio in the browser (streamlit run)",
+                        description="Starts the Streamlit studio. Any other option is passed to "
+                                    "`streamlit run` (e.g. --server.maxUploadSize 500).")
+    sp.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    sp.add_argument("--address", help="address to listen on (default: all interfaces)")
+    sp.add_argument("--sample", action="store_true", help="start with the bundled sample data loaded")
+    sp.add_argument("--browser", action="store_true", help="also open a browser tab")
+    sp.set_defaults(func=cmd_app)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "app":
+        args.streamlit_args = [a for a in extra if a != "--"]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "app":
+        # Nothing of the engine is needed to start the studio: no torch import here.
+        try:
+            return args.func(args)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+
     from .backbones import BackboneError
     from .data import DataError
     from .training import TrainingError
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Every user-facing error of the engine is a ValueError (DataError, BackboneError, BundleError,
     # RunError, ImageDecodeError) or an OSError (missing files, a full disk); TrainingError is not.
     user_errors: tuple[type[BaseException], ...] = (DataError, BackboneError, TrainingError, ValueError, OSError)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`transfer-studio inspect DATA | head`): not an error worth a message.
+        # Point stdout at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except user_errors as exc:
         if args.verbose:
             logger.exception("failed")

@@ -14,6 +14,7 @@ session's :class:`ui.session.Workspace`. Every path cached here is inside one se
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import os
@@ -59,29 +60,62 @@ def with_pretrained(fn, backbone: str):
 
 _warm_lock = threading.Lock()
 _warmed = False
+_warm_thread: threading.Thread | None = None
+_exiting = threading.Event()
+# Longest wait at exit for a preload in progress (it reads ~20 MB of weights; seconds, not minutes).
+_WARM_EXIT_WAIT_S = 60.0
 
 
 def warm_default_backbone(name: str = "efficientnet_lite0") -> None:
     """Loads the default backbone in a background thread, once per process.
 
-    The first Start then finds it in the resource cache instead of spending seconds importing timm
-    and reading the weights; the cache's per-key lock makes a Start during the warm-up wait for it
-    rather than load a second copy.
+    The first Start then finds it in the resource cache instead of spending seconds building it and
+    reading the weights; the cache's per-key lock makes a Start during the warm-up wait for it rather
+    than load a second copy.
+
+    A process may end while the preload is inside torch (an AppTest script, a test run, Ctrl+C just
+    after the start). A daemon thread is then frozen mid-call while the interpreter and torch's C++
+    runtime are torn down, which aborts the process ("terminate called without an active exception").
+    So an ``atexit`` hook stops a preload that has not begun and waits for one that has.
     """
-    global _warmed
+    global _warmed, _warm_thread
     with _warm_lock:
         if _warmed:
             return
         _warmed = True
+    # The imports happen here, on the calling thread, once per process, for two reasons. Importing
+    # torch, torchvision and timm on two threads at once (the preload and a page importing torch) can
+    # hand one of them a half-initialised module. And the modules' own exit hooks must be registered
+    # before ours: atexit runs last-registered first, so ours then waits for the preload before torch
+    # tears itself down (otherwise: "'_OpNamespace' 'prims' object has no attribute ...", or an abort).
+    # The page imports torch on this run anyway; timm and torchvision add a second or two.
+    import timm  # noqa: F401 - imports torch and torchvision too
+
+    import tl_core.backbones  # noqa: F401
 
     def load() -> None:
+        if _exiting.is_set():
+            return
         try:
             pretrained_backbone(name)
         except Exception:  # noqa: BLE001 - training will report the problem when it happens
             logging.getLogger(__name__).warning("could not preload %s", name, exc_info=True)
-        freeze_gc()
+        if not _exiting.is_set():
+            freeze_gc()
 
-    threading.Thread(target=load, name="transfer-studio-warm-up", daemon=True).start()
+    thread = threading.Thread(target=load, name="transfer-studio-warm-up", daemon=True)
+    with _warm_lock:
+        _warm_thread = thread
+    atexit.register(_finish_warm_up)
+    thread.start()
+
+
+def _finish_warm_up() -> None:
+    """At interpreter exit (atexit runs before daemon threads are frozen): lets the preload end first."""
+    _exiting.set()
+    thread = _warm_thread
+    if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+        thread.join(_WARM_EXIT_WAIT_S)
 
 
 def freeze_gc() -> None:

@@ -358,19 +358,24 @@ REGISTRY = WorkspaceRegistry()
 # Streamlit glue
 
 
+# Streamlit has no documented API for "this browser session's id" or "is that session still
+# connected" (st.context has neither). These use the names that streamlit.runtime and
+# streamlit.runtime.scriptrunner export in their __all__, not the modules behind them.
+
+
 def _streamlit_session_id() -> str | None:
-    from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
 
     ctx = get_script_run_ctx(suppress_warning=True)
     return ctx.session_id if ctx else None
 
 
 def _is_active(client: str) -> bool:
-    from streamlit import runtime
+    import streamlit as st
 
-    if not runtime.exists():
+    if not st.runtime.exists():
         return True
-    return bool(runtime.get_instance().is_active_session(client))
+    return bool(st.runtime.get_instance().is_active_session(client))
 
 
 def current() -> Workspace:

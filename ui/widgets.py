@@ -11,6 +11,7 @@ import importlib.util
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import streamlit as st
 
@@ -25,20 +26,26 @@ class PageInfo:
     icon: str
 
 
+# Absolute, because st.Page and st.switch_page read relative paths from the entry point's folder,
+# and the studio has two entry points: app.py and cloud/streamlit_app.py (Community Cloud).
+_PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
+
 PAGES: dict[str, PageInfo] = {
     p.key: p
     for p in (
-        PageInfo("home", "pages/home.py", "Home", ":material/home:"),
-        PageInfo("data", "pages/data.py", "Data", ":material/photo_library:"),
-        PageInfo("model", "pages/model.py", "Model", ":material/account_tree:"),
-        PageInfo("train", "pages/train.py", "Train", ":material/model_training:"),
-        PageInfo("evaluate", "pages/evaluate.py", "Evaluate", ":material/fact_check:"),
-        PageInfo("predict", "pages/predict.py", "Predict & Export", ":material/photo_camera:"),
+        PageInfo("home", str(_PAGES_DIR / "home.py"), "Home", ":material/home:"),
+        PageInfo("data", str(_PAGES_DIR / "data.py"), "Data", ":material/photo_library:"),
+        PageInfo("model", str(_PAGES_DIR / "model.py"), "Model", ":material/account_tree:"),
+        PageInfo("train", str(_PAGES_DIR / "train.py"), "Train", ":material/model_training:"),
+        PageInfo("evaluate", str(_PAGES_DIR / "evaluate.py"), "Evaluate", ":material/fact_check:"),
+        PageInfo("predict", str(_PAGES_DIR / "predict.py"), "Predict & Export", ":material/photo_camera:"),
     )
 }
 # The Experiments page needs tl_core.experiments (an optional part of the engine).
 if importlib.util.find_spec("tl_core.experiments") is not None:
-    PAGES["experiments"] = PageInfo("experiments", "pages/experiments.py", "Experiments", ":material/science:")
+    PAGES["experiments"] = PageInfo(
+        "experiments", str(_PAGES_DIR / "experiments.py"), "Experiments", ":material/science:"
+    )
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&=])")
 
