@@ -42,9 +42,7 @@ from tl_core.experiments import (
 from tl_core.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-_SOURCES = (REPO / "sample_data" / "hymenoptera", REPO.parent / "shared" / "datasets" / "hymenoptera")
-SOURCE = next((p for p in _SOURCES if (p / "train" / "ants").is_dir()), None)
-pytestmark = pytest.mark.skipif(SOURCE is None, reason="hymenoptera images not found")
+SOURCE = REPO / "sample_data" / "hymenoptera"
 
 BACKBONE = "efficientnet_lite0"
 BUDGET = 5.0  # seconds per method: the fine-tuned head warm-up and one epoch of 8 images at 224 px, on a busy CPU
