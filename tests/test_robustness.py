@@ -738,7 +738,8 @@ def test_mixed_upload_loads_and_trains(tmp_path, capsys):
     assert len(covered) == 50 and {s.path for s in covered} == {s.path for s in data.samples}
     assert result.status == "completed" and len(result.history) == 3
     acc = result.history[result.best_epoch - 1]["val_accuracy"]
-    assert 0.0 <= acc <= 1.0
+    assert len(result.splits.val) >= 8
+    assert acc >= 0.8, "frozen EfficientNet-Lite0 features separate these ants from bees (measured 1.00)"
     with capsys.disabled():
         print(f"\n[bar] 50 good + 10 bad: load {t_load:.1f} s, fit {t_fit:.1f} s, "
               f"val accuracy {acc:.2f} on {len(result.splits.val)} images ({result.status})")
