@@ -61,6 +61,7 @@ def _real_images(folder: Path) -> list[Path]:
     ants = sorted((VAL / "ants").glob("*.jpg"))
     bees = sorted((VAL / "bees").glob("*.jpg"))
     largest = max(ants + bees, key=lambda p: p.stat().st_size)
+    folder.mkdir(parents=True, exist_ok=True)
     with Image.open(largest) as im:
         scale = 1024 / min(im.size)
         big = im.convert("RGB").resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
@@ -519,7 +520,7 @@ def test_missing_files(lite0, tmp_path):
     del members["model.onnx"]
     path = _write_zip(tmp_path / "noonnx.zip", members)
     with pytest.raises(BundleError, match="model.onnx is missing"):
-        check_fidelity(path, _real_images(tmp_path)[:1])
+        check_fidelity(path, _real_images(tmp_path / "images")[:1])
     with pytest.raises(BundleError, match="without model.json"):
         load_bundle(tmp_path)
 
@@ -574,7 +575,7 @@ def test_pickled_weights_in_bundle_never_run(lite0, tmp_path):
     with pytest.raises(BundleError, match="not a safetensors weights file"):
         load_bundle(path)
     with pytest.raises(BundleError, match="not a safetensors weights file"):
-        check_fidelity(path, _real_images(tmp_path)[:1])
+        check_fidelity(path, _real_images(tmp_path / "images")[:1])
     assert not marker.exists()
 
 
