@@ -20,6 +20,19 @@ from corpus import make_class_folder  # tests/ is on sys.path (rootdir-relative 
 os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TS_TEST_THREADS", "1"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips the tests marked ``gpu`` (they exercise the CUDA paths) where CUDA is not available."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+        for item in gpu:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     """Points ``TRANSFER_STUDIO_CACHE`` (decoded images, features) at a per-session temp folder.

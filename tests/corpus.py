@@ -5,9 +5,10 @@ hostile inputs (broken files, odd image modes, hostile zips, messy CSVs) that a
 test module feeds to the dataset loaders, plus two small helpers that write
 tiny datasets of real photos for other tests.
 
-Everything is made with Pillow, ``zipfile`` and raw bytes from the read-only
-real photo sets in ``../shared/datasets`` (override with the environment
-variable ``TS_SHARED_DATASETS``); nothing is downloaded and no binary is
+Everything is made with Pillow, ``zipfile`` and raw bytes from real photos the
+repository holds: ants and bees from ``sample_data/hymenoptera`` and a few NEU
+steel defect photos from ``tests/data/neu_steel`` (see ``tests/data/README.md``);
+nothing outside the repository is read, nothing is downloaded and no bad input is
 committed. Building the whole corpus takes about a second or two and under
 2 MB of disk, apart from the zip bomb, which is ~200 KB on disk but declares
 200 MiB.
@@ -58,7 +59,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import os
 import struct
 import time
 import zipfile
@@ -69,14 +69,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-DATASETS = Path(
-    os.environ.get(
-        "TS_SHARED_DATASETS",
-        Path(__file__).resolve().parents[2] / "shared" / "datasets",
-    )
-)
-_HYMENOPTERA = DATASETS / "hymenoptera"
-_STEEL = DATASETS / "neu_steel"
+#: Ants and bees: the repository's downscaled copy of the PyTorch tutorial's set.
+_HYMENOPTERA = Path(__file__).resolve().parents[1] / "sample_data" / "hymenoptera"
+#: Further classes: 64 px NEU steel defect photos kept as a test fixture (five per class).
+_STEEL = Path(__file__).resolve().parent / "data" / "neu_steel"
+#: The sample keeps the tutorial's "image not found" placeholder among the ants; it is not a photo.
+_PLACEHOLDERS = frozenset({"imageNotFound.jpg"})
 
 KINDS = ("image", "folder", "zip", "csv")
 EXPECTS = ("accept", "skip", "refuse")
@@ -150,15 +148,14 @@ def _class_dirs(class_index: int) -> list[Path]:
 def _pool(class_index: int) -> tuple[Path, ...]:
     """Distinct JPEG source files for a class, in a stable order.
 
-    Only ``.jpg``/``.jpeg`` files are used (this drops the tutorial's
-    "image not found" GIF placeholder), and byte-identical files are dropped
-    (NEU steel has exact duplicates).
+    Only ``.jpg``/``.jpeg`` files are used, the tutorial's "image not found"
+    placeholder is left out, and byte-identical files are dropped.
     """
     seen: set[str] = set()
     files: list[Path] = []
     for folder in _class_dirs(class_index):
         for f in sorted(folder.iterdir()):
-            if f.suffix.lower() not in {".jpg", ".jpeg"}:
+            if f.suffix.lower() not in {".jpg", ".jpeg"} or f.name in _PLACEHOLDERS:
                 continue
             digest = hashlib.sha1(f.read_bytes()).hexdigest()
             if digest not in seen:

@@ -96,9 +96,12 @@ def test_every_page_renders_with_data(page):
 
 
 def test_sidebar_shows_dataset_backbone_device_and_status():
+    from tl_core.training import pick_device
+
     at = new_app().run()
     text = " ".join(m.value for m in at.sidebar.markdown)
-    assert "No images yet" in text and r"efficientnet\_lite0" in text and "CPU" in text
+    device = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}[pick_device("auto").type]
+    assert "No images yet" in text and r"efficientnet\_lite0" in text and device in text
     assert "Not trained yet" in text
 
 
@@ -426,17 +429,28 @@ def test_worker_runs_in_a_thread_reports_progress_and_saves(tiny_dataset, tmp_pa
     assert final.wall_seconds > 0
 
 
-def test_worker_stop_keeps_the_best_epoch_so_far(tiny_dataset, tmp_path):
-    job = _tiny_job(tiny_dataset, tmp_path / "runs", epochs=3000)
+def test_worker_stop_keeps_the_best_epoch_so_far(tiny_dataset, tmp_path, monkeypatch):
+    from ui import worker
+
+    class StopAfterFirstBatchOfEpoch3(worker._ProgressCallback):
+        """Presses Stop (from the training thread, at a precise point) once epoch 3 has trained one batch."""
+
+        def on_batch_end(self, state) -> None:
+            super().on_batch_end(state)
+            if state.phase == "train" and state.epoch == 3 and state.batch == 1:
+                self.job.stop()
+
+    monkeypatch.setattr(worker, "_ProgressCallback", StopAfterFirstBatchOfEpoch3)
+    # 8 training images in batches of 2: four batches an epoch, so a stop after the first is mid-epoch.
+    job = _tiny_job(tiny_dataset, tmp_path / "runs", epochs=3000, batch_size=2)
     job.start()
-    deadline = time.time() + 300
-    while job.snapshot().epoch < 3 and time.time() < deadline:
-        time.sleep(0.02)
-    job.stop()
-    assert job.join(120)
+    assert job.join(300)
     final = job.snapshot()
     assert final.status == "done" and final.outcome == "stopped", final.message
-    assert 3 <= len(final.history) < 3000
+    assert final.run_id and (tmp_path / "runs" / final.run_id / "run.json").is_file()
+    # Epochs 1 and 2 whole, then what epoch 3 learnt from its one batch: a stop honoured before that batch
+    # would leave [1, 2]; one honoured late, more epochs.
+    assert [(r["epoch"], r["partial"]) for r in final.history] == [(1, False), (2, False), (3, True)]
 
 
 def test_worker_cancel_before_any_epoch(tiny_dataset, tmp_path):

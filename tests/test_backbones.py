@@ -31,7 +31,7 @@ from tl_core.preprocess import Preprocessing, load_image, preprocess
 ALL = list_backbones()
 LITE = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 TORCHVISION = [n for n in ALL if get_backbone(n).weights_source == "torchvision"]
-BEE_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera" / "val" / "bees"
+BEE_DIR = Path(__file__).resolve().parents[1] / "sample_data" / "hymenoptera" / "val" / "bees"
 # Two clear bee photos (ImageNet 309 "bee" is top-1 for all three Lite models on the first).
 BEE_PHOTOS = ["10870992_eebeeb3a12.jpg", "1297972485_33266a18d9.jpg"]
 IMAGENET_BEE = 309

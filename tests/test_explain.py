@@ -27,10 +27,7 @@ from tl_core.model import TransferModel, build_model
 from tl_core.preprocess import Preprocessing, load_image, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
-# The repository's downscaled copy first (it travels with the code), the full-size original otherwise.
-_DATA_CANDIDATES = (REPO / "sample_data" / "hymenoptera", REPO.parent / "shared" / "datasets" / "hymenoptera")
-DATA = next((p for p in _DATA_CANDIDATES if (p / "val" / "ants").is_dir()), None)
-needs_data = pytest.mark.skipif(DATA is None, reason="hymenoptera images not found")
+DATA = REPO / "sample_data" / "hymenoptera"  # the repository's downscaled copy: it travels with the code
 CLASSES = ("ants", "bees")
 
 
@@ -108,8 +105,6 @@ def model_cache(random_net):
 
 @pytest.fixture(scope="module")
 def val_image() -> Path:
-    if DATA is None:
-        pytest.skip("hymenoptera images not found")
     return _images("val", "bees")[0]
 
 
@@ -225,7 +220,6 @@ def test_errors_propagate_and_release_hooks(monkeypatch):
     assert _state(model) == before
 
 
-@needs_data
 def test_target_changes_map_and_state_is_restored():
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", 2, strategy="partial", weights="pretrained")
@@ -310,7 +304,6 @@ def _composite(photo: Path, rng: np.random.Generator, canvas: int = 320, side: i
     return im, (left, top, left + side, top + side)
 
 
-@needs_data
 def test_gradcam_is_faithful_on_pasted_insects():
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", 2, strategy="frozen", weights="pretrained")

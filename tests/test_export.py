@@ -46,26 +46,33 @@ from tl_core.model import HeadConfig, build_model
 from tl_core.preprocess import Preprocessing, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-_VAL = [Path("/work/shared/datasets/hymenoptera/val"), ROOT / "sample_data" / "hymenoptera" / "train"]
-VAL = next((p for p in _VAL if p.is_dir()), None)
-pytestmark = pytest.mark.skipif(VAL is None, reason="no hymenoptera images on this machine")
+VAL = ROOT / "sample_data" / "hymenoptera" / "val"
 
 CLASSES = ["ants", "bees", "wasps"]
 ATOL = 1e-4
 BIG = {"vgg16", "vit_b_16"}  # over 20 s each on 2 CPU cores (about 1.6 GB of bundle each)
 
 
-def _real_images() -> list[Path]:
-    """Three real photos: an ant, a bee, and the largest file (so JPEG draft mode really scales)."""
+def _real_images(folder: Path) -> list[Path]:
+    """Three real photos: an ant, a bee, and a large one written to ``folder`` (so JPEG draft mode really scales).
+
+    The sample's photos are 256 px on their shorter side, too small for draft mode to skip any DCT scale at the
+    backbones' sizes; the third is the sample's largest file upscaled to 1,024 px on its shorter side.
+    """
     ants = sorted((VAL / "ants").glob("*.jpg"))
     bees = sorted((VAL / "bees").glob("*.jpg"))
     largest = max(ants + bees, key=lambda p: p.stat().st_size)
-    return [ants[0], bees[0], largest]
+    folder.mkdir(parents=True, exist_ok=True)
+    with Image.open(largest) as im:
+        scale = 1024 / min(im.size)
+        big = im.convert("RGB").resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+    big.save(folder / f"large_{largest.name}", quality=92)
+    return [ants[0], bees[0], folder / f"large_{largest.name}"]
 
 
 @pytest.fixture(scope="module")
-def images() -> list[Path]:
-    return _real_images()
+def images(tmp_path_factory) -> list[Path]:
+    return _real_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
@@ -531,7 +538,7 @@ def test_missing_files(lite0, tmp_path):
     del members["model.onnx"]
     path = _write_zip(tmp_path / "noonnx.zip", members)
     with pytest.raises(BundleError, match="model.onnx is missing"):
-        check_fidelity(path, _real_images()[:1])
+        check_fidelity(path, _real_images(tmp_path / "images")[:1])
     with pytest.raises(BundleError, match="without model.json"):
         load_bundle(tmp_path)
 
@@ -586,7 +593,7 @@ def test_pickled_weights_in_bundle_never_run(lite0, tmp_path):
     with pytest.raises(BundleError, match="not a safetensors weights file"):
         load_bundle(path)
     with pytest.raises(BundleError, match="not a safetensors weights file"):
-        check_fidelity(path, _real_images()[:1])
+        check_fidelity(path, _real_images(tmp_path / "images")[:1])
     assert not marker.exists()
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import tl_core.data.archives as archives_mod
 import tl_core.preprocess as pre_mod
@@ -50,7 +50,6 @@ from tl_core.preprocess import ImageDecodeError, Preprocessing, decode_image, lo
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data" / "hymenoptera"
-SHARED = Path(os.environ.get("TS_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
 
 #: Small preprocessing: decoding every corpus sample at 224 px would only cost time.
 PRE = Preprocessing(input_size=32, resize_size=40, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -610,17 +609,54 @@ def test_duplicates_across_classes_and_splits(corpus, tmp_path):
     assert not data.report.duplicates_of("cross_class")
 
 
-def test_real_datasets_report_their_defects():
-    hym, mri = SHARED / "hymenoptera", SHARED / "brain_mri"
-    if not (hym.is_dir() and mri.is_dir()):
-        pytest.skip("shared real datasets not found")
-    data = load_dataset(hym)
+def test_sample_data_loads_whole():
+    data = load_dataset(SAMPLE)
+    assert data.report.layout == "splits"
     assert data.report.counts == {"ants": 194, "bees": 204} and not data.report.skipped
-    assert [(f.path, f.reason) for f in data.report.flagged] == [("train/ants/imageNotFound.gif", "blank")]
+    assert data.report.formats == {"JPEG": 398}
+
+
+def test_real_world_defects_are_reported(tmp_path):
+    """The defects of the real sets, remade here from the sample: the tutorial's "image not found" GIF among
+    the ants is flagged as a placeholder; exact copies within a class and mixed JPEG/PNG files (as in the
+    brain MRI set) are reported and kept."""
+    hym = tmp_path / "hymenoptera"
+    for cls in ("ants", "bees"):
+        (hym / cls).mkdir(parents=True)
+        for f in sorted((SAMPLE / "train" / cls).glob("*.jpg"))[:5]:
+            shutil.copy(f, hym / cls / f.name)
+    with Image.open(SAMPLE / "train" / "ants" / "imageNotFound.jpg") as im:
+        # Back to what the original was: a GIF of a few flat colours (3 bits a channel drop the JPEG noise).
+        flat = ImageOps.posterize(im.convert("RGB"), 3).convert("P", palette=Image.Palette.ADAPTIVE)
+    flat.save(hym / "ants" / "imageNotFound.gif")
+    data = load_dataset(hym)
+    assert data.report.counts == {"ants": 6, "bees": 5} and not data.report.skipped
+    assert [(f.path, f.reason) for f in data.report.flagged] == [("ants/imageNotFound.gif", "blank")]
     assert any("imageNotFound.gif" in n for n in data.report.notes)
+    assert not data.report.duplicates_of("within_class")
+
+    mri = make_class_folder(tmp_path / "mri", {"yes": 6, "no": 4})
+    for name in ("yes/yes_001", "no/no_002"):
+        with Image.open(mri / f"{name}.jpg") as im:
+            im.save(mri / f"{name}.png")
+        (mri / f"{name}.jpg").unlink()
+    shutil.copy(mri / "yes" / "yes_000.jpg", mri / "yes" / "yes_000 copy.jpg")
+    shutil.copy(mri / "yes" / "yes_001.png", mri / "yes" / "Y1.png")
+    shutil.copy(mri / "no" / "no_000.jpg", mri / "no" / "no_000 (1).jpg")
     data = load_dataset(mri)
-    assert len(data.report.duplicates_of("within_class")) == 22
+    assert data.report.counts == {"no": 5, "yes": 8} and not data.report.skipped
+    groups = data.report.duplicates_of("within_class")
+    assert sorted(sorted(Path(f[0]).name for f in g.files) for g in groups) == [
+        ["Y1.png", "yes_001.png"], ["no_000 (1).jpg", "no_000.jpg"], ["yes_000 copy.jpg", "yes_000.jpg"]
+    ]
     assert set(data.report.formats) == {"JPEG", "PNG"} and not data.report.flagged
+
+
+@pytest.mark.xfail(strict=True, reason="JPEG noise hides the placeholder from the one-exact-colour test (74% < 90%)")
+def test_sample_placeholder_is_flagged():
+    """The sample keeps the tutorial's placeholder, re-encoded as a JPEG (sample_data/README.md)."""
+    data = load_dataset(SAMPLE / "train")
+    assert [(f.path, f.reason) for f in data.report.flagged] == [("ants/imageNotFound.jpg", "blank")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -703,7 +739,8 @@ def test_mixed_upload_loads_and_trains(tmp_path, capsys):
     assert len(covered) == 50 and {s.path for s in covered} == {s.path for s in data.samples}
     assert result.status == "completed" and len(result.history) == 3
     acc = result.history[result.best_epoch - 1]["val_accuracy"]
-    assert 0.0 <= acc <= 1.0
+    assert len(result.splits.val) >= 8
+    assert acc >= 0.8, "frozen EfficientNet-Lite0 features separate these ants from bees (measured 1.00)"
     with capsys.disabled():
         print(f"\n[bar] 50 good + 10 bad: load {t_load:.1f} s, fit {t_fit:.1f} s, "
               f"val accuracy {acc:.2f} on {len(result.splits.val)} images ({result.status})")

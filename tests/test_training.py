@@ -6,6 +6,7 @@ weights, the learning-rate schedule and fine-tuning; plus the accuracy on the bu
 
 from __future__ import annotations
 
+import copy
 import errno
 import math
 import time
@@ -33,6 +34,7 @@ from tl_core.training import (
     class_weights,
     fit,
     lr_schedule,
+    pick_device,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +82,7 @@ def test_fit_returns_a_complete_result(data, lite0, cache):
     assert isinstance(result, FitResult)
     assert result.status == "completed" and "3 epochs" in result.message
     assert result.config.epochs == 3 and result.config.lr == 3e-3 and result.config.augment == "none"
-    assert result.class_names == ["ants", "bees"] and result.device == "cpu"
+    assert result.class_names == ["ants", "bees"] and result.device == str(pick_device("auto"))
     assert result.splits.sizes() == {"train": 8, "val": 4, "test": 4}
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     assert all(HISTORY_KEYS <= r.keys() and math.isfinite(r["val_loss"]) for r in result.history)
@@ -365,6 +367,143 @@ def test_fine_tuning_starts_with_a_head_warm_up(data, lite0, cache):
     if result.best_epoch == 0:  # restoring the warm-up restores the untouched backbone
         before = lite0.state_dict()
         assert all(torch.equal(v, before[k]) for k, v in result.model.backbone.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA: mixed precision and the out-of-memory back-off (the ``gpu`` tests run only where CUDA is)
+
+
+def _oom() -> torch.cuda.OutOfMemoryError:
+    return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated by the test)")
+
+
+def _oom_on_first_training_loss(monkeypatch) -> list[int]:
+    """The first loss computed (training batch 1 of epoch 1) raises a CUDA out-of-memory error, as a too-large
+    batch would on its forward pass; returns the batch size of every loss computed."""
+    sizes: list[int] = []
+
+    class Loss(nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            sizes.append(len(target))
+            if len(sizes) == 1:
+                raise _oom()
+            return super().forward(logits, target)
+
+    monkeypatch.setattr(nn, "CrossEntropyLoss", Loss)
+    return sizes
+
+
+def _oom_on_first_feature_batch(net: nn.Module) -> tuple[nn.Module, list[int]]:
+    """A copy of ``net`` whose first forward pass on more than two images raises a CUDA out-of-memory error
+    (batch-norm folding checks itself on two); returns it and the batch size of every forward pass."""
+    net = copy.deepcopy(net)
+    sizes: list[int] = []
+
+    def hook(module, args):
+        sizes.append(args[0].shape[0])
+        if args[0].shape[0] > 2 and sum(n > 2 for n in sizes) == 1:
+            raise _oom()
+
+    net.register_forward_pre_hook(hook)  # deep copies (fit's, the folded network) keep it
+    return net, sizes
+
+
+class Recorder(Callback):
+    """Records ``(epoch, batches in that epoch)`` at every training batch, and the messages for the person."""
+
+    def __init__(self):
+        self.batches: list[tuple[int, int]] = []
+        self.messages: list[str] = []
+
+    def on_batch_end(self, state: TrainState) -> None:
+        if state.phase == "train":
+            self.batches.append((state.epoch, state.batches))
+
+    def on_message(self, state: TrainState, message: str) -> None:
+        self.messages.append(message)
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "full"])
+def test_out_of_memory_on_the_cpu_is_not_retried(data, lite0, cache, monkeypatch, strategy):
+    """The back-off is for CUDA only: on the CPU the error (here simulated) reaches the caller unchanged."""
+    _oom_on_first_training_loss(monkeypatch)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run(data, lite0, cache, strategy=strategy, epochs=1, head_warmup=0, device="cpu")
+
+
+def test_out_of_memory_in_feature_extraction_on_the_cpu_is_not_retried(data, lite0, tmp_path):
+    net, sizes = _oom_on_first_feature_batch(lite0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run(data, net, FeatureCache(tmp_path / "features"), epochs=1, device="cpu")
+    assert sum(n > 2 for n in sizes) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bf16", [True, False], ids=["bfloat16", "float16-grad-scaler"])
+def test_cuda_fine_tuning_uses_autocast_and_the_grad_scaler(data, lite0, cache, monkeypatch, bf16):
+    """Training batches run under autocast: bfloat16 where the GPU has it, else float16 with a GradScaler."""
+    if bf16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    scalers = []
+
+    class Scaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaled = 0
+            scalers.append(self)
+
+        def scale(self, outputs):
+            self.scaled += 1
+            return super().scale(outputs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Scaler)
+    dtypes = []
+    net = copy.deepcopy(lite0)
+    first_conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))  # the copies fit makes keep the hook
+    first_conv.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype) if module.training else None)
+    result = run(data, net, cache, strategy="full", epochs=2, head_warmup=0)
+    assert result.device.startswith("cuda") and result.status == "completed", result.message
+    assert dtypes and set(dtypes) == {torch.bfloat16 if bf16 else torch.float16}
+    (scaler,) = scalers
+    assert scaler.is_enabled() == (not bf16)
+    if not bf16:  # every training batch went through the scaler, and its scale stayed usable
+        assert scaler.scaled == 2 * 3 and math.isfinite(scaler.get_scale()) and scaler.get_scale() > 0
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in result.history)
+    before = lite0.state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in result.model.backbone.state_dict().items())
+    # The model comes back on the CPU and predicts what was recorded on the GPU (TF32 convolutions there).
+    assert next(result.model.parameters()).device.type == "cpu"
+    np.testing.assert_allclose(_predict(result.model, result.splits.val, data), result.evaluation.probs, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["frozen", "full"])
+def test_cuda_out_of_memory_halves_the_batch_and_retries_the_epoch(data, lite0, cache, monkeypatch, strategy):
+    sizes = _oom_on_first_training_loss(monkeypatch)
+    empty = []
+    real_empty_cache = torch.cuda.empty_cache
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: empty.append(1) or real_empty_cache())
+    seen = Recorder()
+    result = run(data, lite0, cache, callbacks=[seen], strategy=strategy, epochs=2, head_warmup=0)
+    assert result.device.startswith("cuda") and result.status == "completed", result.message
+    assert sizes[0] == 4 and empty
+    assert seen.messages == ["The GPU ran out of memory; retrying epoch 1 with batch size 2."]
+    # 12 training images: 6 batches of 2 in each epoch, the retried one included; no epoch is lost.
+    assert sorted(set(seen.batches)) == [(1, 6), (2, 6)]
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+@pytest.mark.gpu
+def test_cuda_out_of_memory_in_feature_extraction_halves_the_batch(data, lite0, tmp_path):
+    net, sizes = _oom_on_first_feature_batch(lite0)
+    seen = Recorder()
+    result = run(data, net, FeatureCache(tmp_path / "features"), callbacks=[seen], epochs=1)
+    assert result.device.startswith("cuda") and result.status == "completed", result.message
+    assert seen.messages == ["The GPU ran out of memory; retrying feature extraction with batch size 16."]
+    # The 16 images, once in the batch that failed and once in the retry; every feature was computed.
+    assert [n for n in sizes if n > 2] == [16, 16]
+    assert result.features_cached == 0 and result.evaluation.probs.shape == (4, 2)
 
 
 # --------------------------------------------------------------------------------------------------
