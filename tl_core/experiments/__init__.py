@@ -31,7 +31,7 @@ stop, a crash or a browser refresh, reuses every finished run and computes only 
 run is never saved. Everything is returned as DataFrames and dicts: CSV export is ``to_csv()``; PNG
 export belongs to the UI (plotly + kaleido when installed).
 
-Measured on ``shared/datasets/hymenoptera`` (245 training, 153 validation images; chance 0.542) with
+Measured on the full ants/bees set of the PyTorch tutorial, which ``sample_data/`` downscales (245 training, 153 validation images; chance 0.542) with
 EfficientNet-Lite0 on 2 CPU cores shared with other work (load 5-10):
 
 * ``python -m tl_core compare`` with 60 s per method: scratch 0.458 best validation accuracy (one
