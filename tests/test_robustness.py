@@ -733,14 +733,16 @@ def test_mixed_upload_loads_and_trains(tmp_path, capsys):
     assert not list((tmp_path / "upload").glob("evil*")) and not (tmp_path / "evil.txt").exists()
 
     t0 = time.perf_counter()
-    result = fit(data, TrainConfig(backbone="efficientnet_lite0", strategy="frozen", epochs=3))
+    # 40% for validation: 20 images give a steadier figure than 10 (seeds 0-5 measured 0.85-0.95 here,
+    # against 0.70-1.00 on 10 images), so the bar can sit well above chance without being flaky.
+    result = fit(data, TrainConfig(backbone="efficientnet_lite0", strategy="frozen", epochs=3, val_fraction=0.4))
     t_fit = time.perf_counter() - t0
     covered = result.splits.train + result.splits.val + result.splits.test
     assert len(covered) == 50 and {s.path for s in covered} == {s.path for s in data.samples}
     assert result.status == "completed" and len(result.history) == 3
     acc = result.history[result.best_epoch - 1]["val_accuracy"]
-    assert len(result.splits.val) >= 8
-    assert acc >= 0.8, "frozen EfficientNet-Lite0 features separate these ants from bees (measured 1.00)"
+    assert len(result.splits.val) == 20
+    assert acc >= 0.75, "frozen EfficientNet-Lite0 features separate these ants from bees (measured 0.85-0.95)"
     with capsys.disabled():
         print(f"\n[bar] 50 good + 10 bad: load {t_load:.1f} s, fit {t_fit:.1f} s, "
               f"val accuracy {acc:.2f} on {len(result.splits.val)} images ({result.status})")
