@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from tl_core.evaluation import FEATURE_BATCH as _FEATURE_BATCH  # compute_features' batch (progress estimates)
+from ui.memory import release_memory
 
-# How many images one feature-extraction batch holds (tl_core.training.compute_features' default).
-_FEATURE_BATCH = 32
+logger = logging.getLogger(__name__)
 
 
 def training_slots() -> int:
@@ -302,6 +302,7 @@ class TrainingJob:
             self._train_inner()
         finally:
             self._set(wall_seconds=time.time() - self._started)
+            release_memory()  # the feature pass's batches and decoded images go back to the system
 
     def _train_inner(self) -> None:
         from tl_core.backbones import BackboneError
@@ -447,6 +448,11 @@ class ExportJob:
             logger.exception("export to %s failed", self.out)
             self.status = "failed"
             self.message = _sentence(f"The export failed: {exc}")
+        finally:
+            # The finished job stays in the workspace (the page reads its status): it must not keep
+            # the model alive once the workspace has let it go.
+            self.model, self.kwargs = None, {}
+            release_memory()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,3 +522,4 @@ class ExperimentJob:
         finally:
             if acquired:
                 _SLOTS.release()
+            release_memory()
