@@ -161,14 +161,18 @@ class Sampler:
 # One person's flow
 
 
-def flow(server: StudioServer, sampler: Sampler, session: int, zip_path: Path, n_images: int, log: list) -> None:
+def flow(server: StudioServer, sampler: Sampler, session: int, zip_path: Path, n_images: int, log: list,
+         verbose: bool = False) -> None:
     """One person's full flow in its own Playwright instance and browser (Playwright is per thread)."""
     from playwright.sync_api import sync_playwright
 
     def at(step: str) -> None:
         sampler.step(session, step)
-        log.append({"session": session, "step": step, "t": round(time.time() - t0, 1),
-                    "rss_mb": round(sampler.rss_mb(), 1)})
+        row = {"session": session, "step": step, "t": round(time.time() - t0, 1), "rss_mb": round(sampler.rss_mb(), 1),
+               "peak_so_far_mb": round(sampler.peak, 1)}
+        log.append(row)
+        if verbose:
+            print(json.dumps(row), file=sys.stderr, flush=True)
 
     t0 = time.time()
     with sync_playwright() as p:
@@ -285,7 +289,7 @@ def measure(sessions: int, zips: list[Path], n_images: int, work: Path, keep_log
 
             def person(k: int) -> None:
                 try:
-                    flow(server, sampler, k, zips[k], n_images, log)
+                    flow(server, sampler, k, zips[k], n_images, log, keep_log)
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finish
                     errors.append(exc)
 
@@ -342,10 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         result["zip_mb"] = round(zips[0].stat().st_size / 1e6, 1)
         for n in plan:
             r = measure(n, zips, args.images, work, args.log)
-            log = r.pop("log")
-            if args.log:
-                for row in log:
-                    print(json.dumps(row), file=sys.stderr)
+            r.pop("log")
             suffix = "" if n == 1 else f"_{n}_sessions"
             result[f"peak_rss_mb{suffix}"] = r.pop("peak_rss_mb")
             result[f"steps_{n}_session{'s' if n > 1 else ''}"] = r.pop("steps")

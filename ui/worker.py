@@ -43,6 +43,7 @@ def training_slots() -> int:
 
 
 _SLOTS = threading.BoundedSemaphore(training_slots())
+_EXPORT_SLOT = threading.Lock()
 _QUEUE: list[str] = []
 _QUEUE_LOCK = threading.Lock()
 
@@ -441,7 +442,10 @@ class ExportJob:
         try:
             from tl_core.export import export_bundle
 
-            export_bundle(self.model, self.out, **self.kwargs)
+            # One export at a time per process: tracing and the ONNX export hold a few hundred MB
+            # each, and three at once would triple that peak (the page just shows it preparing).
+            with _EXPORT_SLOT:
+                export_bundle(self.model, self.out, **self.kwargs)
             self.seconds = time.time() - self.started
             self.status = "done"
         except Exception as exc:  # noqa: BLE001 - reported on the page, never raised in a thread
