@@ -6,7 +6,8 @@ install``) through the flow a person follows: open the studio, load the sample d
 Grad-CAM of a mistake and of every class, the embedding map), and prepare the export bundle.
 
 A thread samples the resident memory (RSS) of the server process *and all its children* every
-0.1 s with psutil, so work moved into a subprocess still counts. Each run uses a fresh server with
+0.1 s with psutil, so work moved into a subprocess still counts (a child by its unique memory, USS,
+so a forked child's pages shared with the server are not counted twice). Each run uses a fresh server with
 its own empty ``TRANSFER_STUDIO_HOME`` and ``TRANSFER_STUDIO_CACHE`` (a first visit: nothing cached).
 
 The photos are made at bench time from ``sample_data/hymenoptera`` (random crops, flips, rotations and
@@ -120,16 +121,23 @@ class Sampler:
         self.max_children = 0
 
     def rss_mb(self) -> float:
+        """RSS of the server plus the unique memory (USS) of each child process.
+
+        A child counts by what it adds: right after ``fork`` (or during ``vfork``, before ``exec``)
+        a child maps all the server's pages, and adding its RSS would count them twice.
+        """
         import psutil
 
         total = 0
-        procs = [self.proc]
         with contextlib.suppress(psutil.Error):
-            procs += self.proc.children(recursive=True)
-        self.max_children = max(self.max_children, len(procs) - 1)
-        for p in procs:
+            total += self.proc.memory_info().rss
+        children = []
+        with contextlib.suppress(psutil.Error):
+            children = self.proc.children(recursive=True)
+        self.max_children = max(self.max_children, len(children))
+        for p in children:
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
+                total += p.memory_full_info().uss
         return total / 2**20
 
     def step(self, session: int, name: str | None) -> None:

@@ -48,15 +48,30 @@ _tuned: bool | None = None
 _tune_lock = threading.Lock()
 
 
+_libc: Any = False  # not looked up yet
+
+
 def _glibc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError on musl and others
-        return libc
-    except (OSError, AttributeError):
-        return None
+    """The C library when it is glibc (looked up once), else ``None``.
+
+    ``libc.so.6`` is tried by name first: ``ctypes.util.find_library`` runs ``ldconfig`` in a
+    subprocess, and forking a server of a gigabyte after every big step is exactly what to avoid.
+    """
+    global _libc
+    if _libc is not False:
+        return _libc
+    libc = None
+    if sys.platform.startswith("linux"):
+        for name in ("libc.so.6", None):
+            try:
+                candidate = ctypes.CDLL(name or ctypes.util.find_library("c"))
+                candidate.gnu_get_libc_version  # noqa: B018 - raises AttributeError on musl and others
+                libc = candidate
+                break
+            except (OSError, AttributeError, TypeError):
+                continue
+    _libc = libc
+    return libc
 
 
 def tune_allocator() -> bool:
