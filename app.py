@@ -17,6 +17,9 @@ import streamlit as st
 
 st.set_page_config(page_title="Transfer Studio", page_icon="🧠", layout="wide", initial_sidebar_state="expanded")
 
+from ui.memory import tune_allocator  # noqa: E402
+
+tune_allocator()  # before the heavy imports: large blocks go back to the system when freed
 from ui import session, sidebar, state  # noqa: E402 - set_page_config must come first
 from ui.cache import freeze_gc_after_imports, warm_default_backbone  # noqa: E402
 from ui.datasets import use_sample  # noqa: E402

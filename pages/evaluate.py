@@ -258,7 +258,9 @@ with map_tab:
         st.info("The map needs at least 3 images in this split.", icon=":material/info:")
     elif st.toggle("Draw the map (reads these images through the network once)", key="eval_map_on"):
         try:
-            table = run_embedding(str(run.path), state.EVAL_SPLIT.get(), method)
+            with st.spinner("Mapping the images by what the network sees…"), ws.lock:
+                # Under the workspace's lock: Grad-CAM changes the model's gradient flags while it works.
+                table = run_embedding(str(run.path), state.EVAL_SPLIT.get(), method, model=ws.model(run.run_id))
         except (RunError, ImageDecodeError, ValueError, OSError) as exc:
             show_error(f"The map cannot be drawn: {exc}")
         else:

@@ -3,9 +3,13 @@
 * ``st.cache_resource``: the pretrained ImageNet backbones. One copy per process, shared by every
   session and treated as read-only: :func:`tl_core.training.fit` deep-copies it
   (``pretrained_module=``), so no session's training ever changes what another session loads.
-* ``st.cache_data``: pure functions of files and settings: dataset scans (keyed by the path *and* a
-  signature of the folder's files, so an added batch of images is a new key), thumbnails, stored run
-  evaluations (a run folder never changes once written), backbone facts, stage summaries.
+* ``st.cache_data``: small pure functions of settings: backbone facts, stage summaries.
+* :class:`ui.memory.ByteLRU` caches, bounded in *bytes* (``st.cache_data`` can only bound the number
+  of entries), one per kind of value, shared by the sessions: dataset scans (keyed by the path *and*
+  a signature of the folder's files, so an added batch of images is a new key), thumbnails, stored run
+  evaluations and embedding maps (a run folder never changes once written), augmentation previews.
+  Their values are shared, not copied: treat them as read-only. Bulk data (decoded images, backbone
+  features) lives in the on-disk caches of ``$TRANSFER_STUDIO_CACHE``, not in memory.
 
 Per-user things (datasets in use, training jobs, trained models) never go in here: they live in the
 session's :class:`ui.session.Workspace`. Every path cached here is inside one session's private folder
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+
+from ui.memory import ByteLRU, release_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO_ROOT / "sample_data" / "hymenoptera"
@@ -154,7 +160,35 @@ def shared_image_cache():
     """
     from tl_core.data import ImageCache
 
-    return ImageCache(memory_bytes=384 * 1024**2)
+    # Small on purpose: decoded images are also written to the on-disk cache (fine-tuning reads them
+    # back from there), and the frozen path decodes each image once per view, so a large memory
+    # share would mostly hold images that are never asked for again. 1,000 images of 256x256 would
+    # otherwise stay resident at 200 MB per training.
+    return ImageCache(memory_bytes=IMAGE_CACHE_BYTES)
+
+
+IMAGE_CACHE_BYTES = 48 * 1024**2
+
+
+@st.cache_resource(show_spinner=False)
+def _byte_caches() -> dict[str, ByteLRU]:
+    """The process's byte-bounded caches (one each, shared by every session)."""
+    return {name: ByteLRU(budget, name=name) for name, budget in CACHE_BUDGETS.items()}
+
+
+#: Bytes each shared in-memory cache may hold.
+CACHE_BUDGETS = {
+    "scans": 32 * 1024**2,
+    "thumbnails": 32 * 1024**2,
+    "evaluations": 16 * 1024**2,
+    "embeddings": 16 * 1024**2,
+    "augmentation": 16 * 1024**2,
+}
+
+
+def byte_cache(name: str) -> ByteLRU:
+    """The shared :class:`~ui.memory.ByteLRU` called ``name`` (a key of :data:`CACHE_BUDGETS`)."""
+    return _byte_caches()[name]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,11 +214,11 @@ def folder_signature(path: str | os.PathLike) -> tuple[int, int, int]:
     return files, size, newest
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
 def _scan(path: str, work_dir: str | None, signature: tuple[int, int, int]):
     from tl_core.data import load_dataset
 
-    return load_dataset(path, work_dir=work_dir)
+    return byte_cache("scans").get_or_compute(
+        (path, work_dir, signature), lambda: load_dataset(path, work_dir=work_dir))
 
 
 def scan_dataset(path: str | os.PathLike, *, work_dir: str | os.PathLike | None = None):
@@ -203,8 +237,11 @@ def restore_dataset(path: str):
     return scan_dataset(p, work_dir=work_dir)
 
 
-@st.cache_data(max_entries=4000, show_spinner=False)
 def _thumbnail(path: str, size: int, mtime: float | None) -> bytes:
+    return byte_cache("thumbnails").get_or_compute((path, size, mtime), lambda: _make_thumbnail(path, size))
+
+
+def _make_thumbnail(path: str, size: int) -> bytes:
     from PIL import Image
 
     from tl_core.preprocess import ImageDecodeError, load_image
@@ -231,33 +268,60 @@ def thumb(path: str, size: int = 192) -> bytes:
     return _thumbnail(str(path), size, mtime)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
 def run_evaluation(run_dir: str, split: str = "val"):
-    """The stored predictions of a run (a run folder never changes once written).
+    """The stored predictions of a run (a run folder never changes once written; read-only).
 
     Raises:
         RunError: the run has no stored evaluation.
     """
     from tl_core.runs import load_evaluation
 
-    return load_evaluation(Path(run_dir), split)
+    return byte_cache("evaluations").get_or_compute((run_dir, split), lambda: load_evaluation(Path(run_dir), split))
 
 
-@st.cache_data(max_entries=16, show_spinner="Mapping the images by what the network sees…")
-def run_embedding(run_dir: str, split: str = "val", method: str = "pca"):
+def run_embedding(run_dir: str, split: str = "val", method: str = "pca", *, model=None):
     """2-D map of a run's images from its trained backbone's features (a run never changes once written).
 
+    A frozen run's backbone is the one its training read the images through, so their features are
+    read back from the on-disk feature cache; only those missing there go through the network.
+
+    Args:
+        run_dir: The run folder.
+        split: ``val`` or ``test``.
+        method: A projection of :data:`tl_core.evaluation.PROJECTIONS`.
+        model: The run's trained model when the caller has it (saves loading it again).
+
     Returns:
-        The evaluation table with ``x``/``y`` columns (see :func:`tl_core.evaluation.embedding_table`).
+        The evaluation table with ``x``/``y`` columns (see :func:`tl_core.evaluation.embedding_table`);
+        shared, so read-only.
     """
+    return byte_cache("embeddings").get_or_compute(
+        (run_dir, split, method), lambda: _compute_embedding(run_dir, split, method, model))
+
+
+def _compute_embedding(run_dir: str, split: str, method: str, model):
     from tl_core.evaluation import embedding_table, extract_features, project_2d
     from tl_core.preprocess import Preprocessing
-    from tl_core.runs import load_model
+    from tl_core.runs import RunStore, load_model
 
     ev = run_evaluation(run_dir, split)
-    model = load_model(Path(run_dir))
-    feats = extract_features(model, ev.paths, Preprocessing.from_spec(model.spec))
-    return embedding_table(ev, project_2d(feats, method))
+    model = model if model is not None else load_model(Path(run_dir))
+    pre = Preprocessing.from_spec(model.spec)
+    cache, key = None, None
+    if model.strategy == "frozen":
+        try:
+            from tl_core.training import FeatureCache, TrainConfig
+
+            path = Path(run_dir)
+            config = TrainConfig.from_dict(RunStore(path.parent).get(path.name).config).resolved()
+            cache, key = FeatureCache(), FeatureCache.model_key(config, pre)
+        except Exception:  # noqa: BLE001 - without the cache the features are simply computed
+            logging.getLogger(__name__).info("features of %s not looked up in the cache", run_dir, exc_info=True)
+    try:
+        feats = extract_features(model, ev.paths, pre, feature_cache=cache, cache_key=key)
+        return embedding_table(ev, project_2d(feats, method))
+    finally:
+        release_memory()
 
 
 @st.cache_data(ttl=60, show_spinner=False)
@@ -325,9 +389,16 @@ def device_label() -> str:
     return f"CPU · {os.cpu_count() or 1} cores"
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
 def augmentation_views(path: str, backbone: str, strength: str, n: int = 4, seed: int = 0) -> list:
-    """The network's view of one image (centre crop) and ``n`` random training views, as uint8 arrays."""
+    """The network's view of one image (centre crop) and ``n`` random training views, as uint8 arrays.
+
+    Shared, so read-only.
+    """
+    return byte_cache("augmentation").get_or_compute(
+        (path, backbone, strength, n, seed), lambda: _augmentation_views(path, backbone, strength, n, seed))
+
+
+def _augmentation_views(path: str, backbone: str, strength: str, n: int, seed: int) -> list:
     import numpy as np
     import torch
 

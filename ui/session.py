@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_core.storage import write_json
+from ui.memory import ByteLRU, release_memory, size_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ SID_PARAM = "sid"
 _SID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _SWEEP_EVERY = 60.0
 _MODELS_KEPT = 2
-_EXPLANATIONS_KEPT = 64
+#: Bytes of heat maps (map, overlay, probabilities) one session keeps; ~1 MB each for a 400x400 photo.
+EXPLANATION_BYTES = 24 * 1024**2
 
 
 def studio_home() -> Path:
@@ -65,6 +67,14 @@ def _env_seconds(name: str, default: float) -> float:
         return float(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def _explanation_bytes(e: Any) -> int:
+    """Bytes of a :class:`tl_core.explain.Explanation` (its map, overlay and probabilities)."""
+    parts = [getattr(e, name, None) for name in ("heatmap", "overlay", "probabilities")]
+    if all(p is None for p in parts):
+        return size_of(e)
+    return sum(size_of(p) for p in parts if p is not None)
 
 
 class Workspace:
@@ -95,7 +105,7 @@ class Workspace:
         self.bundle = None
         self.bundle_name: str | None = None
         self._models: OrderedDict[str, Any] = OrderedDict()
-        self._explanations: OrderedDict[tuple, Any] = OrderedDict()
+        self._explanations = ByteLRU(EXPLANATION_BYTES, sizer=_explanation_bytes, name="explanations")
         self.clients: set[str] = set()
         self.gone_since: float | None = None
         self.sample_offered = False  # `streamlit run app.py -- --sample` loads the sample once
@@ -191,8 +201,7 @@ class Workspace:
         with self.lock:
             self._models.pop(run_id, None)
             self.exports.pop(run_id, None)
-            for key in [k for k in self._explanations if k[0] == run_id]:
-                del self._explanations[key]
+            self._explanations.discard(lambda k: k[0] == run_id)
 
     def explanation(self, key: tuple, compute: Callable[[], Any]):
         """A memoised explanation (``key`` starts with the model's id); computed under the lock.
@@ -202,13 +211,8 @@ class Workspace:
         """
         with self.lock:
             if key in self._explanations:
-                self._explanations.move_to_end(key)
-                return self._explanations[key]
-            value = compute()
-            self._explanations[key] = value
-            while len(self._explanations) > _EXPLANATIONS_KEPT:
-                self._explanations.popitem(last=False)
-            return value
+                return self._explanations.get(key)
+            return self._explanations.put(key, compute())
 
     # ---------------------------------------------------------------------------------------------
     # Life cycle
@@ -233,7 +237,12 @@ class Workspace:
         return self.root / "experiments"
 
     def release(self) -> None:
-        """Stops background work and deletes temporary files (the runs stay)."""
+        """Stops background work, drops what the session holds in memory and deletes temporary files.
+
+        The runs stay on disk (a later visit reloads them); models, heat maps, the loaded bundle, the
+        dataset's listing and the finished jobs' results are let go, and the freed memory is handed
+        back to the operating system.
+        """
         if self.job is not None:
             self.job.stop()
         for job in self.experiments.values():
@@ -244,6 +253,11 @@ class Workspace:
             self._models.clear()
             self._explanations.clear()
             self.bundle = None
+            self.dataset = None
+            self.exports.clear()
+            if self.job is not None and not self.job.alive:
+                self.job.result = None
+        release_memory()
 
 
 class WorkspaceRegistry:

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from tl_core.evaluation import FEATURE_BATCH as _FEATURE_BATCH  # compute_features' batch (progress estimates)
+from ui.memory import release_memory
 
-# How many images one feature-extraction batch holds (tl_core.training.compute_features' default).
-_FEATURE_BATCH = 32
+logger = logging.getLogger(__name__)
 
 
 def training_slots() -> int:
@@ -43,6 +43,7 @@ def training_slots() -> int:
 
 
 _SLOTS = threading.BoundedSemaphore(training_slots())
+_EXPORT_SLOT = threading.Lock()
 _QUEUE: list[str] = []
 _QUEUE_LOCK = threading.Lock()
 
@@ -302,6 +303,7 @@ class TrainingJob:
             self._train_inner()
         finally:
             self._set(wall_seconds=time.time() - self._started)
+            release_memory()  # the feature pass's batches and decoded images go back to the system
 
     def _train_inner(self) -> None:
         from tl_core.backbones import BackboneError
@@ -440,13 +442,21 @@ class ExportJob:
         try:
             from tl_core.export import export_bundle
 
-            export_bundle(self.model, self.out, **self.kwargs)
+            # One export at a time per process: tracing and the ONNX export hold a few hundred MB
+            # each, and three at once would triple that peak (the page just shows it preparing).
+            with _EXPORT_SLOT:
+                export_bundle(self.model, self.out, **self.kwargs)
             self.seconds = time.time() - self.started
             self.status = "done"
         except Exception as exc:  # noqa: BLE001 - reported on the page, never raised in a thread
             logger.exception("export to %s failed", self.out)
             self.status = "failed"
             self.message = _sentence(f"The export failed: {exc}")
+        finally:
+            # The finished job stays in the workspace (the page reads its status): it must not keep
+            # the model alive once the workspace has let it go.
+            self.model, self.kwargs = None, {}
+            release_memory()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,3 +526,4 @@ class ExperimentJob:
         finally:
             if acquired:
                 _SLOTS.release()
+            release_memory()
