@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluation import FEATURE_BATCH
 from ..data import CacheError, ImageCache, ImageDataset, Sample, default_cache_dir, iter_batches, train_augmentation
+from ..evaluation import FEATURE_BATCH
 from ..model import TransferModel, fold_batchnorm
 from ..preprocess import Preprocessing
 from ..storage import save_npy
