@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PORT ?= 8501
 
-.PHONY: setup setup-dev browser app test test-fast bench
+.PHONY: setup setup-dev browser app test test-fast bench bench-memory
 
 setup:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -27,3 +27,7 @@ test-fast: setup-dev
 
 bench: setup
 	$(PYTHON) bench/bench_frozen.py
+
+# Peak resident memory of the studio for one person's flow and for three at once (drives a real browser).
+bench-memory: setup-dev browser
+	$(PYTHON) bench/bench_memory.py
