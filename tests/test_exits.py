@@ -86,7 +86,9 @@ def test_train_with_stderr_to_a_pipe_writes_lines_not_bar_frames(tmp_path):
         (data / cls).mkdir(parents=True)
         for f in sorted((SAMPLE / "train" / cls).iterdir())[:6]:
             shutil.copy(f, data / cls / f.name)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # An empty feature cache of its own: with every feature already cached (earlier tests train on the
+    # same photos) there is no feature phase to report.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRANSFER_STUDIO_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
         [sys.executable, "-m", "tl_core", "train", str(data), "--epochs", "3", "--out", str(tmp_path / "runs")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
@@ -95,7 +97,6 @@ def test_train_with_stderr_to_a_pipe_writes_lines_not_bar_frames(tmp_path):
     err = proc.stderr
     assert "\r" not in err
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert [ln for ln in lines if ln.startswith("epoch ")] == [ln for ln in lines if ln.startswith("epoch ")][:3]
     assert sum(ln.startswith("epoch ") for ln in lines) == 3
     assert any(ln.startswith("features: done") for ln in lines)
     assert len(lines) <= 12, lines  # phases + one line per epoch (+ at most a message or two)
