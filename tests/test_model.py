@@ -4,6 +4,8 @@ the per-stage summary, the batch-norm policy and discriminative learning rates."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -301,3 +303,34 @@ def test_fold_batchnorm_pairs_layers_by_data_flow_not_registration_order():
     assert isinstance(folded.bn, nn.Identity) and isinstance(folded.bn_shared, nn.BatchNorm2d)
     with torch.inference_mode():
         assert torch.allclose(folded(x), net(x), atol=1e-5)
+
+
+def test_folding_on_one_thread_leaves_forward_passes_on_others_alone(random_net):
+    """torch.fx patches ``nn.Module.__call__`` process-wide while it traces; the studio runs forward passes
+    on other threads meanwhile (training, a recommendation, another session), which must not notice."""
+    import threading
+
+    net = copy.deepcopy(random_net("efficientnet_lite0")).eval()
+    other = copy.deepcopy(net)
+    x = torch.randn(1, 3, 64, 64)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def forward_passes() -> None:
+        with torch.inference_mode():
+            while not done.is_set():
+                try:
+                    other(x)
+                except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                    errors.append(exc)
+                    return
+
+    thread = threading.Thread(target=forward_passes)
+    thread.start()
+    try:
+        for _ in range(5):
+            assert conv_bn_pairs(net)
+    finally:
+        done.set()
+        thread.join()
+    assert not errors, errors

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
@@ -225,12 +226,33 @@ def _status(trainable: int, frozen: int) -> str:
 
 class _ConvBnTracer(torch.fx.Tracer):
     """Traces down to convolutions and batch norms, their subclasses included (timm's ``Conv2dSame``,
-    whose padding depends on the input size, and ``BatchNormAct2d``), and keeps each as one node."""
+    whose padding depends on the input size, and ``BatchNormAct2d``), and keeps each as one node.
+
+    While it traces, ``torch.fx`` patches ``nn.Module.__call__`` and ``__getattr__`` for the whole
+    process, so every module called on *another* thread meanwhile (the studio trains, extracts features
+    and explains on several threads at once) reaches this tracer too, and the stock tracer fails that
+    thread's forward pass ("module is not installed as a submodule"). Calls from other threads are
+    passed straight through: only the thread that traces is traced.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
