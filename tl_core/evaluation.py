@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -195,13 +194,12 @@ FEATURE_BATCH = 8
 
 def _digest(image) -> str | None:
     """The content hash the feature cache uses (that of :class:`tl_core.data.Sample`), or ``None``."""
-    import hashlib
+    from .data.records import bytes_digest, file_digest
 
     try:
-        data = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else Path(image).read_bytes()
+        return bytes_digest(image) if isinstance(image, (bytes, bytearray, memoryview)) else file_digest(image)
     except (OSError, TypeError):
         return None
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @torch.inference_mode()
@@ -237,7 +235,7 @@ def extract_features(
         todo = []
         for i, im in enumerate(images):
             digests[i] = _digest(im)
-            cached = feature_cache.get(cache_key, "center", digests[i], dim) if digests[i] else None
+            cached = feature_cache.get(cache_key, feature_cache.view_key(None, 0), digests[i], dim) if digests[i] else None
             if cached is None:
                 todo.append(i)
             else:
@@ -259,7 +257,7 @@ def extract_features(
                 try:
                     for i, f in zip(idx, feats):
                         if digests[i]:
-                            feature_cache.put(cache_key, "center", digests[i], f)
+                            feature_cache.put(cache_key, feature_cache.view_key(None, 0), digests[i], f)
                 except OSError as exc:  # a full or read-only cache must not cost the features
                     logger.warning("cannot write to the feature cache: %s", exc)
                     write = False

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .folders import is_junk
-from .health import hash_file
+from .records import file_digest
 from .records import DataError, Limits, SkippedFile, disk_full, size_text
 
 
@@ -255,7 +255,7 @@ def extract_once(path: Path, *, work_dir: str | os.PathLike | None, limits: Limi
             f"{path.name} is not a zip archive (its content is something else); "
             "re-create it with your system's 'Compress' command"
         )
-    digest = hash_file(path)
+    digest = file_digest(path)
     base = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "transfer-studio-zips"
     dest = base / f"{_slug(path.stem)}-{digest[:12]}"
     if not (dest / ".complete").exists():

@@ -7,7 +7,6 @@ stops the run with a :class:`~.records.SampleReadError` that names it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -18,7 +17,7 @@ import numpy as np
 
 from ..preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, resized_array
 from ..storage import save_npy
-from .records import Sample, SampleReadError, disk_full
+from .records import Sample, SampleReadError, bytes_digest, disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class ImageCache:
             raise SampleReadError(
                 f"{name} cannot be read ({exc.strerror or exc}); {again}", path=sample.path, reason="unreadable"
             ) from exc
-        if hashlib.blake2b(data, digest_size=16).hexdigest() != sample.digest:
+        if bytes_digest(data) != sample.digest:
             raise SampleReadError(
                 f"{name} changed after the dataset was checked; {again}", path=sample.path, reason="changed"
             )

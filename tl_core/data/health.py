@@ -9,7 +9,6 @@ that says what to fix when fewer than two classes are usable.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -22,12 +21,17 @@ from PIL import Image
 
 from ..preprocess import HEIF_SUPPORTED, ImageDecodeError, decode_image
 from .folders import Candidate, is_image_name, shown_path
-from .records import DataError, DataReport, DuplicateGroup, ImageSet, Limits, Sample, SkippedFile, size_text
-
-
-def hash_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+from .records import (
+    DataError,
+    DataReport,
+    DuplicateGroup,
+    ImageSet,
+    Limits,
+    Sample,
+    SkippedFile,
+    file_digest,
+    size_text,
+)
 
 
 @dataclass
@@ -50,7 +54,7 @@ def _probe(candidate: Candidate, limits: Limits) -> _Probe:
     path = candidate.path
     out = _Probe(candidate)
     try:
-        out.digest = hash_file(path)
+        out.digest = file_digest(path)
     except OSError as exc:
         out.error = ImageDecodeError("unreadable", f"cannot read the file ({exc.strerror or exc})")
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,23 @@ from pathlib import Path
 import numpy as np
 
 from ..preprocess import DEFAULT_MAX_PIXELS
+
+
+def _content_hash():
+    return hashlib.blake2b(digest_size=16)
+
+
+def bytes_digest(data: bytes | bytearray | memoryview) -> str:
+    """The content hash of an image's bytes: :attr:`Sample.digest`, and the key of the on-disk caches."""
+    h = _content_hash()
+    h.update(data)
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """:func:`bytes_digest` of a file's content, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, _content_hash).hexdigest()
 
 
 class DataError(ValueError):
