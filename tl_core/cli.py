@@ -562,14 +562,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
 
-    from .backbones import BackboneError
-    from .data import DataError
-    from .training import TrainingError
-
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # Every user-facing error of the engine is a ValueError (DataError, BackboneError, BundleError,
-    # RunError, ImageDecodeError) or an OSError (missing files, a full disk); TrainingError is not.
-    user_errors: tuple[type[BaseException], ...] = (DataError, BackboneError, TrainingError, ValueError, OSError)
+
+    def user_errors() -> tuple[type[BaseException], ...]:
+        # Every user-facing error of the engine is a ValueError (DataError, BackboneError, BundleError,
+        # RunError, ImageDecodeError) or an OSError (missing files, a full disk); TrainingError is not.
+        # Looked up when an error is matched, so `inspect` never imports training (and torch) for it.
+        training = sys.modules.get("tl_core.training")
+        return (ValueError, OSError) + ((training.TrainingError,) if training else ())
+
     try:
         return args.func(args)
     except BrokenPipeError:
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at devnull so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except user_errors as exc:
+    except user_errors() as exc:
         if args.verbose:
             logger.exception("failed")
         print(f"error: {exc}", file=sys.stderr)

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .archives import extract_once, extract_zip
-from .batches import ImageDataset, iter_batches, train_augmentation
 from .cache import CacheError, ImageCache, default_cache_dir
 from .folders import IMAGE_EXTENSIONS, JUNK_NAMES, SPLIT_NAMES, folder_candidates, is_junk, subdirs, unwrap
 from .health import BLANK_SHARE, TINY_SIDE, scan
@@ -76,6 +75,18 @@ __all__ = [
     "split_dataset",
     "train_augmentation",
 ]
+
+
+_LAZY = {"ImageDataset", "iter_batches", "train_augmentation"}
+
+
+def __getattr__(name: str):
+    # The batches need torch, which costs seconds and ~500 MB to import: `inspect` never loads it.
+    if name in _LAZY:
+        from . import batches
+
+        return getattr(batches, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_dataset(
@@ -131,7 +142,7 @@ def _load(
         if csvs and (not subdirs(root) or is_labels_csv(csvs[0])):
             return scan(root, csv_candidates(csvs[0], root, skipped, notes), source=path.name, source_kind="zip",
                         layout="csv", skipped=skipped, notes=notes, limits=limits, progress=progress)
-        candidates, layout = folder_candidates(root, skipped)
+        candidates, layout = folder_candidates(root, skipped, notes)
         return scan(root, candidates, source=path.name, source_kind="zip", layout=layout,
                     skipped=skipped, notes=notes, limits=limits, progress=progress)
     if path.is_file() and is_table:
@@ -141,6 +152,6 @@ def _load(
     if path.is_file():
         raise DataError(f"{path.name} is a single file; give a folder of class sub-folders, a .zip or a .csv")
     root = unwrap(path)
-    candidates, layout = folder_candidates(root, skipped)
+    candidates, layout = folder_candidates(root, skipped, notes)
     return scan(root, candidates, source=path.name, source_kind="folder", layout=layout,
                 skipped=skipped, notes=notes, limits=limits, progress=progress)

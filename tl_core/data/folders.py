@@ -1,9 +1,12 @@
 """Step 1 of the data's path, plain folders: a folder of class sub-folders, or of split folders.
 
 Split folders are ``train``/``val``/``test`` (also ``training``, ``valid``, ``validation``), each holding
-class sub-folders. Walking never follows links and leaves system junk (``.DS_Store``, ``__MACOSX``,
-``Thumbs.db``, hidden files) out; files outside a class folder are reported, not guessed at. Zips
-(:mod:`.archives`) and CSVs (:mod:`.tables`) reuse these walkers.
+class sub-folders. The walk is iterative and bounded in depth; it reads only regular files inside the
+dataset (the one containment check, :func:`~.paths.contained_file`) and leaves system junk
+(``.DS_Store``, ``__MACOSX``, ``Thumbs.db``, hidden files) out. Everything else it leaves out (hidden
+folders, links out of the dataset, FIFOs and devices, folders too deep) gets a skip entry with the reason.
+Files outside a class folder are reported, not guessed at. Zips (:mod:`.archives`) and CSVs
+(:mod:`.tables`) reuse these walkers.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..preprocess import HEIF_SUPPORTED
+from .paths import MAX_DEPTH, class_label, contained_file, display_text, inside, merge_labels
 from .records import DataError, SkippedFile
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff") + (
@@ -32,13 +36,68 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def walk_files(folder: Path) -> Iterator[Path]:
-    """Files under ``folder``, recursively, skipping junk and hidden entries and never following links."""
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not is_junk(d))
-        for name in sorted(filenames):
-            if not is_junk(name):
-                yield Path(dirpath) / name
+def _hidden_folder(name: str) -> bool:
+    """A hidden folder that is not known system junk: it is left out, with a skip entry saying so."""
+    return name.startswith(".") and name.lower() not in JUNK_NAMES
+
+
+def walk_files(
+    folder: Path, skipped: list[SkippedFile] | None = None, *, root: Path | None = None, max_depth: int = MAX_DEPTH
+) -> list[Path]:
+    """Regular files under ``folder``, without recursion, each checked by :func:`~.paths.contained_file`.
+
+    Junk and hidden files are left out silently; hidden folders, links that leave ``root`` (default:
+    ``folder``), links to folders, FIFOs, devices and folders deeper than ``max_depth`` levels below
+    ``root`` are left out with a skip entry in ``skipped``. A link to a regular file inside ``root`` is
+    kept under its real path. Nothing is opened.
+    """
+    root = folder if root is None else root
+    root_real = Path(os.path.realpath(root))
+    base_depth = len(folder.relative_to(root).parts) if folder.is_relative_to(root) else 0
+    skip = skipped.append if skipped is not None else (lambda s: None)
+    out: list[Path] = []
+    stack = [(folder, base_depth)]
+    while stack:
+        here, depth = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            skip(SkippedFile(shown_path(here, root), "unreadable", f"the folder cannot be read ({exc.strerror or exc})"))
+            continue
+        folders = []
+        for e in entries:
+            path = Path(e.path)
+            if is_junk(e.name):
+                if _hidden_folder(e.name) and e.is_dir(follow_symlinks=False):
+                    skip(SkippedFile(shown_path(path, root), "hidden",
+                                     "hidden folders are left out; rename it without the leading dot to use it"))
+                continue
+            try:
+                if e.is_symlink():
+                    if os.path.isdir(path) and inside(path, root_real):
+                        skip(SkippedFile(shown_path(path, root), "symlink", "links to folders are not followed"))
+                        continue
+                    real, reason, detail = contained_file(path, root_real)
+                    if real is None:
+                        skip(SkippedFile(shown_path(path, root), reason, detail))
+                    else:
+                        out.append(real)
+                elif e.is_dir(follow_symlinks=False):
+                    if depth + 1 > max_depth:
+                        skip(SkippedFile(shown_path(path, root), "too_deep",
+                                         f"folders more than {max_depth} levels deep are not read; move the images up"))
+                    else:
+                        folders.append((path, depth + 1))
+                elif e.is_file(follow_symlinks=False):
+                    out.append(path)
+                else:
+                    _, reason, detail = contained_file(path, root_real)
+                    skip(SkippedFile(shown_path(path, root), reason or "special_file", detail or "not a regular file"))
+            except OSError as exc:
+                skip(SkippedFile(shown_path(path, root), "unreadable", f"cannot read it ({exc.strerror or exc})"))
+        stack.extend(reversed(folders))
+    return out
 
 
 def subdirs(folder: Path) -> list[Path]:
@@ -74,13 +133,37 @@ class Candidate:
     path: Path
     label: str
     split: str | None
+    #: The name as the source wrote it (folder name, CSV label), for notes on merged names.
+    written: str = ""
 
 
-def folder_candidates(root: Path, skipped: list[SkippedFile]) -> tuple[list[Candidate], str]:
+def _holds_class_folders(folder: Path) -> bool:
+    """Whether a folder named like a split holds class folders (and no images of its own)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = [e for e in it if not is_junk(e.name)]
+    except OSError:
+        return False
+    has_dirs = any(e.is_dir(follow_symlinks=False) for e in entries)
+    has_images = any(e.is_file(follow_symlinks=False) and is_image_name(e.name) for e in entries)
+    return has_dirs and not has_images
+
+
+def folder_candidates(
+    root: Path, skipped: list[SkippedFile], notes: list[str] | None = None
+) -> tuple[list[Candidate], str]:
+    """The files of a folder of class folders (or of split folders of class folders), with their labels.
+
+    A folder named like a split (``train``, ``val``, ``test``...) switches to the split layout only when
+    the split folders really hold class folders; a class that happens to be called ``test`` (a folder of
+    images) stays a class, with a note. Class names follow :func:`~.paths.class_label` and
+    :func:`~.paths.merge_labels`, each change noted in ``notes``.
+    """
+    notes = [] if notes is None else notes
     dirs = subdirs(root)
     split_dirs = {d: SPLIT_NAMES[d.name.lower()] for d in dirs if d.name.lower() in SPLIT_NAMES}
     candidates: list[Candidate] = []
-    if split_dirs:
+    if split_dirs and all(_holds_class_folders(d) for d in split_dirs):
         layout = "splits"
         for d in dirs:
             if d not in split_dirs:
@@ -95,47 +178,72 @@ def folder_candidates(root: Path, skipped: list[SkippedFile]) -> tuple[list[Cand
                     "keep one of them"
                 )
             splits_seen[split] = d
-            candidates += _class_candidates(root, d, split, skipped)
+            candidates += _class_candidates(root, d, split, skipped, notes)
     else:
         layout = "classes"
-        candidates = _class_candidates(root, root, None, skipped)
+        if split_dirs:
+            names = ", ".join(repr(d.name) for d in split_dirs)
+            notes.append(
+                f"the folders {names} are used as classes: they hold images, not class folders. (Split folders "
+                "work when train/, val/ and test/ each hold one folder per class.)"
+            )
+        candidates = _class_candidates(root, root, None, skipped, notes)
+    canonical, merged = merge_labels(((c.written, c.label) for c in candidates), "class folders")
+    notes += merged
+    for c in candidates:
+        c.label = canonical[c.label]
     return candidates, layout
 
 
-def _class_candidates(root: Path, folder: Path, split: str | None, skipped: list[SkippedFile]) -> list[Candidate]:
+def _class_candidates(
+    root: Path, folder: Path, split: str | None, skipped: list[SkippedFile], notes: list[str]
+) -> list[Candidate]:
     out = []
-    for entry in sorted(folder.iterdir()):
-        if is_junk(entry.name):
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(f"{display_text(folder.name)} cannot be read ({exc.strerror or exc}); check its permissions") from exc
+    for e in entries:
+        entry = Path(e.path)
+        shown = shown_path(entry, root)
+        if is_junk(e.name):
+            if _hidden_folder(e.name) and e.is_dir(follow_symlinks=False):
+                skipped.append(SkippedFile(shown, "hidden", "hidden folders are left out; rename it without the leading "
+                                                            "dot to use it as a class"))
             continue
-        if entry.is_symlink():
-            skipped.append(SkippedFile(shown_path(entry, root), "symlink", "links are not followed"))
-        elif entry.is_dir():
-            label = entry.name.strip()
-            files = list(walk_files(entry))
+        if e.is_symlink():
+            skipped.append(SkippedFile(shown, "symlink", "links are not followed"))
+        elif e.is_dir(follow_symlinks=False):
+            label = class_label(e.name)
+            if not label:
+                skipped.append(SkippedFile(shown, "bad_class_name", "the folder's name has no letters or digits (only "
+                                                                    "spaces or control characters); rename it"))
+                continue
+            if label != e.name:
+                notes.append(f"the class folder {display_text(e.name)!r} is used as the class {label!r} (non-UTF-8 bytes "
+                             "as \\xNN; escape codes, control characters and extra spaces removed).")
+            files = walk_files(entry, skipped, root=root)
             if not files:
-                skipped.append(
-                    SkippedFile(shown_path(entry, root), "empty_class", f"class folder '{label}' holds no files")
-                )
+                skipped.append(SkippedFile(shown, "empty_class", f"class folder '{label}' holds no usable files"))
             for f in files:
-                out.append(Candidate(f, label, split))
-        elif entry.is_file():
+                out.append(Candidate(f, label, split, e.name))
+        elif e.is_file(follow_symlinks=False):
             if entry.suffix.lower() == ".csv":
                 continue
-            skipped.append(
-                SkippedFile(
-                    shown_path(entry, root), "no_class", "the file is not inside a class folder, so it has no label"
-                )
-            )
+            skipped.append(SkippedFile(shown, "no_class", "the file is not inside a class folder, so it has no label"))
+        else:
+            skipped.append(SkippedFile(shown, "special_file", "not a regular file (a FIFO or a device); it is never opened"))
     return out
 
 
 def shown_path(path: Path, root: Path) -> str:
     """``path`` as people see it: relative to ``root`` with ``/`` separators, else its name."""
     try:
-        return path.relative_to(root).as_posix()
+        return display_text(path.relative_to(root).as_posix())
     except ValueError:
         pass
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
+        return display_text(path.resolve().relative_to(root.resolve()).as_posix())
     except (ValueError, OSError):
-        return path.name
+        return display_text(path.name)

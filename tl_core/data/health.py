@@ -59,8 +59,9 @@ def _probe(candidate: Candidate, limits: Limits) -> _Probe:
         out.error = ImageDecodeError("unreadable", f"cannot read the file ({exc.strerror or exc})")
         return out
     try:
-        # A full decode at a tiny JPEG draft scale finds truncated files for the price of a header read.
-        rgb, out.format, out.size = decode_image(path, draft_size=32, max_pixels=limits.max_pixels)
+        # A full decode finds truncated files; JPEG draft mode and reducing right after decoding keep it to
+        # the price of a header read in time (JPEG) and of one decoded image in memory (others).
+        rgb, out.format, out.size = decode_image(path, draft_size=32, reduce_to=128, max_pixels=limits.max_pixels)
     except ImageDecodeError as exc:
         out.error = exc
         return out
@@ -166,6 +167,8 @@ def scan(
     samples: list[Sample] = []
     flagged: list[SkippedFile] = []
     formats: Counter = Counter()
+    # Threads overlap hashing and decoding; memory is bounded by the decoding budget (DECODE_BUDGET), in
+    # bytes, which a 64-megapixel PNG fills alone while hundreds of drafted JPEGs share it.
     workers = min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(workers) as pool:
         for i, probe in enumerate(pool.map(lambda c: _probe(c, limits), images), 1):

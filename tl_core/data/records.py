@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..preprocess import DEFAULT_MAX_PIXELS
+from ..preprocess import DEFAULT_MAX_PIXELS, open_regular
 
 
 def _content_hash():
@@ -33,8 +33,12 @@ def bytes_digest(data: bytes | bytearray | memoryview) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """:func:`bytes_digest` of a file's content, read in chunks."""
-    with open(path, "rb") as f:
+    """:func:`bytes_digest` of a file's content, read in chunks.
+
+    Raises:
+        OSError: the file cannot be read, or is not a regular file (a FIFO or a device is never read).
+    """
+    with open_regular(path) as f:
         return hashlib.file_digest(f, _content_hash).hexdigest()
 
 
@@ -225,7 +229,8 @@ class ImageSet:
         """Hash of the content, labels and given splits: equal data gives an equal fingerprint."""
         h = hashlib.blake2b(digest_size=12)
         for s in sorted(self.samples, key=lambda s: (s.digest, s.label, s.split or "")):
-            h.update(f"{s.digest}|{s.label}|{s.split}\n".encode())
+            # surrogatepass: a label can never make the fingerprint fail (names are shown safely elsewhere).
+            h.update(f"{s.digest}|{s.label}|{s.split}\n".encode("utf-8", "surrogatepass"))
         return h.hexdigest()
 
     @property
