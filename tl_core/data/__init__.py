@@ -29,7 +29,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .archives import extract_once, extract_zip
+from .archives import extract_once, extract_zip, hold
 from .cache import CacheError, ImageCache, default_cache_dir
 from .folders import IMAGE_EXTENSIONS, JUNK_NAMES, SPLIT_NAMES, folder_candidates, is_junk, subdirs, unwrap
 from .health import BLANK_SHARE, TINY_SIDE, scan
@@ -140,11 +140,14 @@ def _load(
         csvs = [p for p in root.iterdir() if p.suffix.lower() == ".csv" and p.is_file()]
         # A labels CSV at the top wins over sub-folders: Kaggle-style zips hold labels.csv + images/.
         if csvs and (not subdirs(root) or is_labels_csv(csvs[0])):
-            return scan(root, csv_candidates(csvs[0], root, skipped, notes), source=path.name, source_kind="zip",
+            data = scan(root, csv_candidates(csvs[0], root, skipped, notes), source=path.name, source_kind="zip",
                         layout="csv", skipped=skipped, notes=notes, limits=limits, progress=progress)
-        candidates, layout = folder_candidates(root, skipped, notes)
-        return scan(root, candidates, source=path.name, source_kind="zip", layout=layout,
-                    skipped=skipped, notes=notes, limits=limits, progress=progress)
+        else:
+            candidates, layout = folder_candidates(root, skipped, notes)
+            data = scan(root, candidates, source=path.name, source_kind="zip", layout=layout,
+                        skipped=skipped, notes=notes, limits=limits, progress=progress)
+        hold(dest, data)  # the clean-up of old extractions never deletes one a live dataset reads
+        return data
     if path.is_file() and is_table:
         root = path.parent
         return scan(root, csv_candidates(path, root, skipped, notes), source=path.name, source_kind="csv",
