@@ -114,6 +114,8 @@ if snap is not None and not snap.active:
         done.success(f"**Done in {seconds(snap.wall_seconds)}.** Validation accuracy of the kept model: "
                      f"**{percent(kept.get('val_accuracy'))}** (epoch {kept.get('best_epoch', '–')} of "
                      f"{kept.get('epochs_run', '–')}).{note}", icon=":material/check_circle:")
+        for warning in kept.get("warnings") or []:  # the same warnings as `train --json`
+            st.warning(md_escape(warning), icon=":material/warning:")
         if nxt.button("Next: see how good it is", type="primary", icon=":material/arrow_forward:",
                       icon_position="right", key="train_next_evaluate", width="stretch"):
             state.EVAL_RUN.set(snap.run_id)

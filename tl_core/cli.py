@@ -122,6 +122,7 @@ def _emit(args, payload: dict | list, human: str) -> None:
 
 def cmd_inspect(args) -> int:
     from .data import load_dataset
+    from .data.paths import plain_text
 
     data = load_dataset(args.data, work_dir=args.work_dir)
     r = data.report
@@ -143,7 +144,8 @@ def cmd_inspect(args) -> int:
     if r.too_small:
         lines.append("classes too small to split: " + ", ".join(r.too_small))
     lines += r.notes
-    _emit(args, payload, "\n".join(lines))
+    # Names come from the upload: never let one drive the terminal (escape codes, control characters).
+    _emit(args, payload, "\n".join(plain_text(line) for line in lines))
     return 0
 
 
@@ -169,6 +171,7 @@ def _train_config(args):
 
 def cmd_train(args) -> int:
     from .data import load_dataset
+    from .data.paths import plain_text
     from .runs import RunStore
     from .training import fit
 
@@ -190,8 +193,9 @@ def cmd_train(args) -> int:
         f"in {summary['wall_seconds']:.1f} s ({summary['feature_seconds']:.1f} s computing features) on {summary['device']}. "
         f"{result.message}"
     )
+    human += "".join(f"\nwarning: {w}" for w in result.warnings)
     human += f"\nsaved run: {out}"
-    _emit(args, summary, human)
+    _emit(args, summary, "\n".join(plain_text(line) for line in human.split("\n")))
     return 0
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..preprocess import HEIF_SUPPORTED, ImageDecodeError, decode_image
 from .folders import Candidate, is_image_name, shown_path
+from .splits import split_findings
 from .records import (
     DataError,
     DataReport,
@@ -205,6 +206,11 @@ def scan(
         counts[s.label] += 1
         if s.split:
             split_counts[s.split][s.label] += 1
+    if "train" in split_counts and "val" in split_counts:
+        # The source's own train and val folders are used as they are: say what they cannot teach or measure.
+        refusal, warnings = split_findings(split_counts, classes)
+        notes += [f"{refusal[0].upper()}{refusal[1:]}."] if refusal else []
+        notes += [f"{w[0].upper()}{w[1:]}" for w in warnings]
     widths = np.array([s.width for s in samples] or [0])
     heights = np.array([s.height for s in samples] or [0])
     sizes = {

@@ -115,3 +115,60 @@ def split_dataset(
         return Splits(parts[0], parts[1], parts[2] if test_fraction else [], source="random")
     parts = _stratified(data.samples, [val_fraction, test_fraction] if test_fraction else [val_fraction], seed)
     return Splits(parts[0], parts[1], parts[2] if test_fraction else [], source="random")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sanity of the splits (kept apart from how they are made)
+
+
+def split_findings(split_counts: dict[str, dict[str, int]], classes: Sequence[str]) -> tuple[str | None, list[str]]:
+    """What is wrong with splits that cannot teach or measure every class.
+
+    Args:
+        split_counts: Images per class in each split (``train``, ``val``, ``test``).
+        classes: Every class of the dataset.
+
+    Returns:
+        ``(refusal, warnings)``: ``refusal`` says why training cannot work at all (the train split holds
+        fewer than two classes: nothing can be learnt that tells classes apart), else ``None``; each
+        warning names a class that cannot be learnt (no training images) or measured (no validation
+        images), or a validation split of one class (its accuracy says nothing about telling them apart).
+    """
+    def present(split: str) -> list[str]:
+        return [c for c in classes if split_counts.get(split, {}).get(c, 0) > 0]
+
+    train, val = present("train"), present("val")
+    refusal = None
+    if len(train) < 2 and len(classes) >= 2:
+        held = f"only '{train[0]}'" if train else "no images"
+        refusal = (f"the train split holds {held}, so the model cannot learn to tell the classes apart; put images "
+                   f"of every class ({', '.join(classes)}) in train")
+    warnings = []
+    missing_train = [c for c in classes if c not in train]
+    if missing_train and train:
+        warnings.append(f"{_names(missing_train)} no training images (only validation or test ones): the model "
+                        "cannot learn to recognise it; add some of its images to train.")
+    missing_val = [c for c in classes if c not in val]
+    if missing_val and val:
+        warnings.append(f"{_names(missing_val)} no validation images: the accuracy does not measure it; add some "
+                        "of its images to val.")
+    if len(val) == 1 and len(classes) >= 2:
+        warnings.append(f"the validation split holds only '{val[0]}': its accuracy says nothing about telling the "
+                        "classes apart.")
+    return refusal, warnings
+
+
+def split_counts(splits: Splits, classes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Images per class in each split of ``splits``."""
+    out: dict[str, dict[str, int]] = {}
+    for name, samples in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+        counts = {c: 0 for c in classes}
+        for s in samples:
+            counts[s.label] = counts.get(s.label, 0) + 1
+        out[name] = counts
+    return out
+
+
+def _names(classes: Sequence[str]) -> str:
+    shown = ", ".join(f"'{c}'" for c in classes[:5]) + (f" and {len(classes) - 5} more" if len(classes) > 5 else "")
+    return f"class {shown} has" if len(classes) == 1 else f"classes {shown} have"

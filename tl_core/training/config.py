@@ -242,6 +242,8 @@ class FitResult:
         feature_seconds: Time spent computing backbone features (0 when all were cached).
         features_cached: Number of feature vectors read from the cache.
         device: Device used.
+        warnings: What is wrong with the splits (a class with no training or no validation images), for
+            people; the run still trained.
     """
 
     model: TransferModel
@@ -258,6 +260,7 @@ class FitResult:
     feature_seconds: float
     features_cached: int
     device: str
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         m = self.evaluation.metrics()
@@ -279,6 +282,7 @@ class FitResult:
             "total_params": total,
             "train_images": len(self.splits.train),
             "val_images": len(self.splits.val),
+            "warnings": list(self.warnings),
         }
 
 

@@ -19,7 +19,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 
 from ..backbones import get_backbone
 from ..data import ImageCache, ImageDataset, ImageSet, Splits, iter_batches, split_dataset, train_augmentation
+from ..data.splits import split_counts, split_findings
 from ..evaluation import Evaluation, predict_probs
 from ..model import HeadConfig, TransferModel, build_model
 from ..preprocess import Preprocessing
@@ -116,6 +117,7 @@ class _Run:
     f_eval: np.ndarray | None = None  # frozen path: centre-crop features of val + test, for the test evaluation
     status: str = "completed"
     message: str = ""
+    warnings: list[str] = field(default_factory=list)  # what is wrong with the splits (train and warn)
 
 
 @dataclass
@@ -156,6 +158,9 @@ def _prepare(
     splits = splits or split_dataset(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
     if not splits.train or not splits.val:
         raise TrainingError("the split left no training or no validation images; add images or change the split")
+    refusal, warnings = split_findings(split_counts(splits, data.classes), data.classes)
+    if refusal:
+        raise TrainingError(refusal)
     num_classes = len(data.classes)
     model = build_model(
         cfg.backbone,
@@ -167,6 +172,8 @@ def _prepare(
         pretrained_module=pretrained_module,
     )
     events("fit_start")
+    for warning in warnings:
+        events.message(f"Warning: {warning}")
     y_train = data.targets(splits.train)
     balance = cfg.balance
     if balance == "auto":
@@ -196,6 +203,7 @@ def _prepare(
         best_state=copy.deepcopy(tracked.state_dict()),
         t_start=t_start,
         bs=cfg.batch_size,
+        warnings=warnings,
     )
 
 
@@ -435,6 +443,7 @@ def _finish(run: _Run) -> FitResult:
         feature_seconds=run.feature_seconds,
         features_cached=run.features_cached,
         device=str(run.device),
+        warnings=list(run.warnings),
     )
     state.result = result  # type: ignore[attr-defined]
     run.events("fit_end")
