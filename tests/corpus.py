@@ -823,6 +823,111 @@ def build_corpus(root: Path, only: Iterable[str] | None = None) -> list[Case]:
 
 
 # --------------------------------------------------------------------------
+# Hostile inputs, second round (issue 17): generators for tests/test_hostile.py
+# --------------------------------------------------------------------------
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def flat_png(width: int, height: int, *, bit_depth: int = 8, grey: bool = False, value: int = 90,
+             tag: bytes = b"") -> bytes:
+    """A valid PNG of one flat colour, streamed through zlib row by row (no image is held in memory).
+
+    A 8000x7990 RGB one is ~200 KB on disk and 64 megapixels decoded (just under the default pixel
+    limit); a 16-bit grey one is ~140 KB. ``tag`` (a tEXt chunk) makes otherwise equal files differ.
+    """
+    channels = 1 if grey else 3
+    row = b"\x00" + bytes([value]) * (width * channels * bit_depth // 8)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0 if grey else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"tEXt", b"id\x00" + tag)
+            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+
+
+def retag_png(png: bytes, tag: bytes) -> bytes:
+    """``png`` (from :func:`flat_png`) with another tEXt tag: a distinct file without compressing again."""
+    start = 8 + 25  # signature, IHDR chunk
+    (length,) = struct.unpack(">I", png[start : start + 4])
+    return png[:start] + _png_chunk(b"tEXt", b"id\x00" + tag) + png[start + 12 + length :]
+
+
+def class_jpeg(class_index: int, i: int, size: int = 64) -> bytes:
+    """JPEG bytes of a real photo: ants (0), bees (1), then steel defects; distinct for each ``i``."""
+    return _class_jpeg(class_index, i, size)
+
+
+def zip_bytes(members: Iterable[tuple[str | zipfile.ZipInfo, bytes]]) -> bytes:
+    """A deflated zip of ``(arcname, bytes)`` members, in memory."""
+    return _zip_bytes(members)
+
+
+def good_members(prefix: str = "", spec: dict[str, int] | None = None) -> list[tuple[str, bytes]]:
+    """``(arcname, bytes)`` of a small good dataset (3 ants in ``a/``, 3 bees in ``b/`` by default)."""
+    return _dataset_members(prefix, spec or _GOOD)
+
+
+def overlapping_zip(copies: int = 8) -> bytes:
+    """A zip whose central directory lists one member's data ``copies`` times under other names.
+
+    Every entry points at the same local header (offset 0): the data ranges overlap, which is how a
+    tiny archive expands to far more than its size while every member passes the per-member ratio check.
+    """
+    data = zip_bytes(good_members() + [("a/zeros.bin", bytes(1024**2))])
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        start = zf.start_dir
+    central = bytearray(data[start:])
+    # The first central entry (46 bytes + name + extra + comment) is copied with new names, offset kept.
+    n, e, c = struct.unpack_from("<HHH", central, 28)
+    entry = bytes(central[: 46 + n + e + c])
+    extra_entries = b""
+    for k in range(copies):
+        name = f"a/copy_{k:03d}.jpg".encode()
+        extra_entries += entry[:28] + struct.pack("<H", len(name)) + entry[30:46] + name + entry[46 + n:]
+    eocd = data.rindex(b"PK\x05\x06")
+    total = struct.unpack_from("<H", data, eocd + 10)[0] + copies
+    new_central = bytes(central[: eocd - start]) + extra_entries
+    end = bytearray(data[eocd:])
+    struct.pack_into("<HHII", end, 8, total, total, len(new_central), start)
+    return data[:start] + new_central + bytes(end)
+
+
+def many_members_bomb(members: int = 24) -> bytes:
+    """A zip of ``members`` 1 MiB members of zeros: each is too small for the per-member ratio check,
+    together they expand ~1000 times (the whole archive's ratio catches it)."""
+    return zip_bytes(good_members() + [(f"b/pad_{k:03d}.bin", bytes(1024**2)) for k in range(members)])
+
+
+def deep_tree(top: Path, depth: int, leaf: bytes) -> Path:
+    """``top/d/d/.../d/leaf.jpg``, ``depth`` folders deep, made without recursion; returns the leaf file."""
+    here = top
+    top.mkdir(parents=True, exist_ok=True)
+    for _ in range(depth):
+        here = here / "d"
+        here.mkdir()
+    (here / "leaf.jpg").write_bytes(leaf)
+    return here / "leaf.jpg"
+
+
+def remove_tree(top: Path) -> None:
+    """Deletes a tree of any depth without recursion (``shutil.rmtree`` and ``os.walk`` recurse on 3.11)."""
+    if not top.exists() and not top.is_symlink():
+        return
+    stack = [(top, False)]
+    while stack:
+        path, emptied = stack.pop()
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        elif emptied:
+            path.rmdir()
+        else:
+            stack.append((path, True))
+            stack.extend((child, False) for child in path.iterdir())
+
+
+# --------------------------------------------------------------------------
 # Self-check: python tests/corpus.py
 # --------------------------------------------------------------------------
 

@@ -221,8 +221,7 @@ def _class_candidates(
                                                                     "spaces or control characters); rename it"))
                 continue
             if label != e.name:
-                notes.append(f"the class folder {display_text(e.name)!r} is used as the class {label!r} (non-UTF-8 bytes "
-                             "as \\xNN; escape codes, control characters and extra spaces removed).")
+                notes.append(_renamed_note(e.name, label))
             files = walk_files(entry, skipped, root=root)
             if not files:
                 skipped.append(SkippedFile(shown, "empty_class", f"class folder '{label}' holds no usable files"))
@@ -235,6 +234,18 @@ def _class_candidates(
         else:
             skipped.append(SkippedFile(shown, "special_file", "not a regular file (a FIFO or a device); it is never opened"))
     return out
+
+
+def _renamed_note(name: str, label: str) -> str:
+    shown = display_text(name)
+    if shown == label:
+        return (f"the class folder '{label}' has a name that is not valid UTF-8: its bytes that are not text are "
+                "shown as \\xNN.")
+    if " ".join(shown.split()) == label:
+        return f"the class folder '{shown}' is used as the class '{label}' (extra spaces removed)."
+    escaped = shown.encode("unicode_escape").decode("ascii")
+    return (f"the class folder '{escaped}' is used as the class '{label}' (escape codes and control characters "
+            "removed).")
 
 
 def shown_path(path: Path, root: Path) -> str:
