@@ -198,7 +198,7 @@ def decode_image(
 
     Memory is bounded in bytes: a path is opened only if it is a regular file (:func:`open_regular`),
     pixels are decoded only once :data:`DECODE_BUDGET` has room for them, and 16-bit and float images
-    become 8-bit without float64 copies.
+    become 8-bit without a float64 copy of the whole image.
 
     Args:
         reduce_to: When set, the decoded image is subsampled right after decoding (JPEG: draft mode first)
@@ -302,28 +302,24 @@ def _has_alpha(im: Image.Image) -> bool:
 
 
 def _to_8bit(im: Image.Image, rows: int = 256) -> Image.Image:
-    """A 16-bit, 32-bit or float image as 8-bit grey, scaled by blocks of rows in float32 (no float64 copy).
+    """A 16-bit, 32-bit or float image as 8-bit grey, converted a block of rows at a time.
 
-    Integer images up to 255 are kept as they are and others scaled from 0-65535; float images are
-    stretched from their minimum to their maximum.
+    The same arithmetic as the bundle's ``predict.py`` (integer images up to 255 kept, others scaled from
+    0-65535; float images stretched from their minimum to their maximum), but never a float64 copy of the
+    whole image: a 64-megapixel 16-bit PNG needed 0.5 GB for that copy alone, per image in flight.
     """
     arr = np.asarray(im)
-    if im.mode == "F":
-        finite = arr[np.isfinite(arr)] if not np.isfinite(arr).all() else arr
-        lo = float(finite.min()) if finite.size else 0.0
-        scale = 255.0 / max(float(finite.max()) - lo if finite.size else 0.0, 1e-12)
-        del finite
-    else:
-        lo = 0.0
-        scale = 255.0 / (65535.0 if arr.max() > 255 else 255.0)
     out = np.empty(arr.shape, dtype=np.uint8)
-    for top in range(0, arr.shape[0], rows):
-        block = arr[top : top + rows].astype(np.float32)
-        block -= lo
-        block *= scale
-        block += 0.5 if im.mode != "F" else 0.0
-        np.clip(block, 0, 255, out=block)
-        out[top : top + rows] = np.nan_to_num(block)
+    if im.mode == "F":
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        for top in range(0, arr.shape[0], rows):
+            block = arr[top : top + rows].astype(np.float64)
+            out[top : top + rows] = ((block - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8)
+    else:
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        for top in range(0, arr.shape[0], rows):
+            block = arr[top : top + rows].astype(np.float64)
+            out[top : top + rows] = np.clip(block / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(out, "L")
 
 
