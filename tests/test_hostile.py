@@ -546,3 +546,36 @@ def test_name_rules():
     assert class_label(os.fsdecode(b"na\xefve")) == "na\\xefve"
     assert display_text("\udcff") == "\\xff"
     assert plain_text("a\x1b]0;title\x07b\x00c") == "ab?c"
+
+
+def test_studio_shows_the_same_split_warnings(tmp_path, monkeypatch):
+    """The Data page lists the split problems in its health notes; the Train page shows the run's warnings."""
+    from streamlit.testing.v1 import AppTest
+
+    from ui.datasets import use_source
+    from ui.session import REGISTRY
+
+    monkeypatch.setenv("TRANSFER_STUDIO_HOME", str(tmp_path / "studio-home"))
+    root = _split_folder(tmp_path, {"train": {"ants": 4, "bees": 4}, "val": {"ants": 2, "bees": 2, "wasps": 2}})
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
+    sid = at.session_state["ts_session_id"]
+    ws = REGISTRY.get(sid)
+    try:
+        use_source(ws, root, kind="folder", label="hostile splits")
+        at.switch_page("pages/data.py").run()
+        assert not at.exception
+        assert "'wasps' has no training images" in " ".join(e.value for e in at.info)
+        at.switch_page("pages/model.py").run()
+        at.number_input(key="ts_epochs").set_value(2).run()
+        at.switch_page("pages/train.py").run()
+        at.button(key="train_start").click().run()
+        assert ws.job is not None and ws.job.join(600)
+        at.run()
+        assert not at.exception and any("Done" in s.value for s in at.success)
+        shown = " ".join(w.value for w in at.warning)
+        assert "has no training images" in shown and "wasps" in shown
+    finally:
+        if ws is not None and ws.job is not None:
+            ws.job.stop()
+            ws.job.join(60)
+        REGISTRY.remove(sid)
