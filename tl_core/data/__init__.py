@@ -3,7 +3,8 @@
 Each step of the path has its own module:
 
 1. sources: :mod:`.folders` (class folders, split folders), :mod:`.archives` (zips, extracted safely and
-   once), :mod:`.tables` (a CSV of ``filename,label``);
+   once), :mod:`.tables` (a CSV of ``filename,label``), all reading through :mod:`.paths` (the one
+   containment check, and the one rule for class names);
 2. health: :mod:`.health` probes every file, skips the unusable, flags the suspicious, finds duplicates
    and builds the :class:`DataReport`;
 3. splits: :mod:`.splits`, the source's split folders, else stratified and seeded;
@@ -102,7 +103,9 @@ def load_dataset(
         source: A folder, a ``.zip`` archive, or a ``.csv`` file of ``filename,label`` rows whose paths
             are relative to the CSV's folder.
         work_dir: Where zips are extracted (default: a folder under the system temp dir, keyed by the
-            archive's content so re-loading the same zip reuses it).
+            archive's content so re-loading the same zip reuses it). Old extractions there are deleted,
+            least recently used first, once they take more than ``TRANSFER_STUDIO_EXTRACTED_MB``
+            (4 GB); never one a live dataset reads.
         limits: What is accepted.
         progress: Called with ``(done, total)`` while images are checked.
 
