@@ -579,3 +579,24 @@ def test_studio_shows_the_same_split_warnings(tmp_path, monkeypatch):
             ws.job.stop()
             ws.job.join(60)
         REGISTRY.remove(sid)
+
+
+def test_file_swapped_for_a_fifo_before_training_is_a_clear_error(tmp_path):
+    """The decoded-image cache reads through the same regular-file check: a clear error, never a hang."""
+    from tl_core.data import ImageCache, SampleReadError
+    from tl_core.preprocess import Preprocessing
+
+    data = load_dataset(make_class_folder(tmp_path / "data", {"ants": 2, "bees": 2}))
+    victim = Path(data.samples[0].path)
+    victim.unlink()
+    os.mkfifo(victim)
+    pre = Preprocessing(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(SampleReadError, match="cannot be read"):
+        ImageCache(tmp_path / "cache").get(data.samples[0], pre)
+
+
+def test_error_lines_carry_no_escape_codes(tmp_path):
+    data_dir = tmp_path / "\x1b[2Jonly"
+    make_class_folder(data_dir, {"ants": 2})
+    proc = cli("inspect", data_dir)
+    assert proc.returncode != 0 and "\x1b" not in proc.stderr and proc.stderr.startswith("error: ")

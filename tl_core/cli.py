@@ -585,7 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as exc:
         if args.verbose:
             logger.exception("failed")
-        print(f"error: {exc}", file=sys.stderr)
+        from .data.paths import plain_text  # names from an upload never drive the terminal
+
+        print(f"error: {plain_text(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, resized_array
+from ..preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, open_regular, resized_array
 from ..storage import save_npy
 from .records import Sample, SampleReadError, bytes_digest, disk_full
 
@@ -97,7 +97,8 @@ class ImageCache:
         name = sample.relpath or Path(sample.path).name
         again = "load the dataset again (it will be checked and the file skipped if it is unusable), then restart"
         try:
-            data = Path(sample.path).read_bytes()
+            with open_regular(sample.path) as f:  # never blocks on a file swapped for a FIFO since the check
+                data = f.read()
         except FileNotFoundError as exc:
             raise SampleReadError(
                 f"{name} was moved or deleted after the dataset was checked; {again}",
