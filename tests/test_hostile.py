@@ -9,13 +9,11 @@ subprocess runs under a timeout) and never prints a traceback. The corpus genera
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 import threading
-import zipfile
 from pathlib import Path
 
 import numpy as np

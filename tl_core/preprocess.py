@@ -103,7 +103,8 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotRegularFileError(errno.EINVAL, "not a regular file (a FIFO, a device or a folder)", os.fspath(path))
+            why = "not a regular file (a FIFO, a device or a folder)"
+            raise NotRegularFileError(errno.EINVAL, why, os.fspath(path))
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

@@ -161,7 +161,8 @@ def extract_zip(
             why = _unwritable_name(path, dest)
             if why:
                 reason = "too_deep" if len(path.parts) > MAX_DEPTH else "bad_name"
-                skipped.append(SkippedFile(display_text(info.filename)[:300], reason, f"the file cannot be created: {why}"))
+                shown = display_text(info.filename)[:300]
+                skipped.append(SkippedFile(shown, reason, f"the file cannot be created: {why}"))
                 continue
             target = dest / path
             if not inside(target, dest_resolved):
@@ -381,7 +382,8 @@ def extract_once(
         return dest
     base.mkdir(parents=True, exist_ok=True)
     _remove_stale_extractions(base)
-    _discard(dest)  # a failed or interrupted extraction is never reused
+    if not (dest / ".complete").is_file():  # (checked again: another process may have just finished it)
+        _discard(dest)  # a failed or interrupted extraction is never reused
     tmp = Path(tempfile.mkdtemp(dir=base, prefix=".extract-"))
     try:
         found: list[SkippedFile] = []

@@ -12,7 +12,6 @@ Files outside a class folder are reported, not guessed at. Zips (:mod:`.archives
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +62,8 @@ def walk_files(
             with os.scandir(here) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            skip(SkippedFile(shown_path(here, root), "unreadable", f"the folder cannot be read ({exc.strerror or exc})"))
+            why = f"the folder cannot be read ({exc.strerror or exc})"
+            skip(SkippedFile(shown_path(here, root), "unreadable", why))
             continue
         folders = []
         for e in entries:
@@ -137,16 +137,16 @@ class Candidate:
     written: str = ""
 
 
-def _holds_class_folders(folder: Path) -> bool:
-    """Whether a folder named like a split holds class folders (and no images of its own)."""
+def _holds_images(folder: Path) -> bool | None:
+    """Whether a folder holds images of its own (``True``), only folders (``False``), or neither (``None``)."""
     try:
         with os.scandir(folder) as it:
             entries = [e for e in it if not is_junk(e.name)]
     except OSError:
-        return False
-    has_dirs = any(e.is_dir(follow_symlinks=False) for e in entries)
-    has_images = any(e.is_file(follow_symlinks=False) and is_image_name(e.name) for e in entries)
-    return has_dirs and not has_images
+        return None
+    if any(e.is_file(follow_symlinks=False) and is_image_name(e.name) for e in entries):
+        return True
+    return False if any(e.is_dir(follow_symlinks=False) for e in entries) else None
 
 
 def folder_candidates(
@@ -163,7 +163,8 @@ def folder_candidates(
     dirs = subdirs(root)
     split_dirs = {d: SPLIT_NAMES[d.name.lower()] for d in dirs if d.name.lower() in SPLIT_NAMES}
     candidates: list[Candidate] = []
-    if split_dirs and all(_holds_class_folders(d) for d in split_dirs):
+    held = [_holds_images(d) for d in split_dirs]
+    if split_dirs and True not in held and False in held:  # no split folder holds images; one holds folders
         layout = "splits"
         for d in dirs:
             if d not in split_dirs:
@@ -203,14 +204,16 @@ def _class_candidates(
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as exc:
-        raise DataError(f"{display_text(folder.name)} cannot be read ({exc.strerror or exc}); check its permissions") from exc
+        raise DataError(
+            f"{display_text(folder.name)} cannot be read ({exc.strerror or exc}); check its permissions"
+        ) from exc
     for e in entries:
         entry = Path(e.path)
         shown = shown_path(entry, root)
         if is_junk(e.name):
             if _hidden_folder(e.name) and e.is_dir(follow_symlinks=False):
-                skipped.append(SkippedFile(shown, "hidden", "hidden folders are left out; rename it without the leading "
-                                                            "dot to use it as a class"))
+                why = "hidden folders are left out; rename it without the leading dot to use it as a class"
+                skipped.append(SkippedFile(shown, "hidden", why))
             continue
         if e.is_symlink():
             skipped.append(SkippedFile(shown, "symlink", "links are not followed"))
@@ -232,7 +235,8 @@ def _class_candidates(
                 continue
             skipped.append(SkippedFile(shown, "no_class", "the file is not inside a class folder, so it has no label"))
         else:
-            skipped.append(SkippedFile(shown, "special_file", "not a regular file (a FIFO or a device); it is never opened"))
+            why = "not a regular file (a FIFO or a device); it is never opened"
+            skipped.append(SkippedFile(shown, "special_file", why))
     return out
 
 

@@ -191,7 +191,8 @@ def _csv_target(
         try:
             target, reason, detail = contained_file(root / rel, root_resolved)
         except OSError as exc:  # a path too long for the file system, say
-            skipped.append(SkippedFile(display_text(name)[:120], "bad_name", f"the path cannot be used ({exc.strerror})"))
+            why = f"the path cannot be used ({exc.strerror or exc})"
+            skipped.append(SkippedFile(display_text(name)[:120], "bad_name", why))
             return None
         if reason in ("outside_link", "special_file", "unreadable"):
             skipped.append(SkippedFile(display_text(name), "unsafe_path" if reason == "outside_link" else reason,
