@@ -210,7 +210,7 @@ def scan(
         # The source's own train and val folders are used as they are: say what they cannot teach or measure.
         refusal, warnings = split_findings(split_counts, classes)
         notes += [f"{refusal[0].upper()}{refusal[1:]}."] if refusal else []
-        notes += [f"{w[0].upper()}{w[1:]}" for w in warnings]
+        notes += warnings
     widths = np.array([s.width for s in samples] or [0])
     heights = np.array([s.height for s in samples] or [0])
     sizes = {

@@ -153,7 +153,7 @@ def split_findings(split_counts: dict[str, dict[str, int]], classes: Sequence[st
         warnings.append(f"{_names(missing_val)} no validation images: the accuracy does not measure it; add some "
                         "of its images to val.")
     if len(val) == 1 and len(classes) >= 2:
-        warnings.append(f"the validation split holds only '{val[0]}': its accuracy says nothing about telling the "
+        warnings.append(f"The validation split holds only '{val[0]}': its accuracy says nothing about telling the "
                         "classes apart.")
     return refusal, warnings
 
@@ -171,4 +171,4 @@ def split_counts(splits: Splits, classes: Sequence[str]) -> dict[str, dict[str, 
 
 def _names(classes: Sequence[str]) -> str:
     shown = ", ".join(f"'{c}'" for c in classes[:5]) + (f" and {len(classes) - 5} more" if len(classes) > 5 else "")
-    return f"class {shown} has" if len(classes) == 1 else f"classes {shown} have"
+    return f"Class {shown} has" if len(classes) == 1 else f"Classes {shown} have"
