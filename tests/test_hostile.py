@@ -598,3 +598,12 @@ def test_error_lines_carry_no_escape_codes(tmp_path):
     make_class_folder(data_dir, {"ants": 2})
     proc = cli("inspect", data_dir)
     assert proc.returncode != 0 and "\x1b" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+def test_huge_csv_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from tl_core.data import tables
+
+    path = _csv_dir(tmp_path, [])
+    monkeypatch.setattr(tables, "MAX_CSV_BYTES", 1000)
+    with pytest.raises(DataError, match="too large for a table"):
+        load_dataset(path)

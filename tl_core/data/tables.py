@@ -15,12 +15,15 @@ import re
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
+from ..preprocess import open_regular
 from .archives import NAME_MAX
 from .folders import Candidate, is_image_name, walk_files
 from .paths import class_label, contained_file, display_text, merge_labels
-from .records import DataError, SkippedFile
+from .records import DataError, SkippedFile, size_text
 
 CSV_FILE_COLUMNS = ("filename", "file", "file_name", "path", "filepath", "image", "image_path", "img")
+#: Largest labels CSV read (a row per image: 20,000 rows are about 1 MB); it is read whole.
+MAX_CSV_BYTES = 64 * 1024**2
 CSV_LABEL_COLUMNS = ("label", "class", "category", "target", "class_name", "y")
 
 
@@ -30,7 +33,14 @@ def _read_csv_text(path: Path) -> tuple[str, str]:
     NUL bytes do not refuse a text file: a row that holds one is skipped later (:func:`csv_candidates`),
     whatever the encoding, and the other rows are kept.
     """
-    raw = path.read_bytes()
+    size = path.stat().st_size
+    if size > MAX_CSV_BYTES:
+        raise DataError(
+            f"{path.name} is {size_text(size)}, too large for a table of file names and labels (the limit is "
+            f"{size_text(MAX_CSV_BYTES)}); give the CSV with one 'filename,label' row per image"
+        )
+    with open_regular(path) as f:
+        raw = f.read()
     if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
         raise DataError(
             f"{path.name} is a spreadsheet workbook, not a CSV; in your spreadsheet use "
