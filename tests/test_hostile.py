@@ -607,3 +607,14 @@ def test_huge_csv_is_refused_before_it_is_read(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "MAX_CSV_BYTES", 1000)
     with pytest.raises(DataError, match="too large for a table"):
         load_dataset(path)
+
+
+def test_pruning_never_touches_folders_it_did_not_make(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    mine = make_class_folder(work / "my-photos", {"cats": 2})  # a person's folder in the chosen work folder
+    monkeypatch.setattr(archives_mod, "IN_USE_GRACE_S", 0)
+    monkeypatch.setattr(archives_mod, "EXTRACTED_MAX_BYTES", 0)
+    load_dataset(_zip_of(tmp_path, "one", 3), work_dir=work)
+    load_dataset(_zip_of(tmp_path, "two", 4), work_dir=work)
+    assert (mine / "cats").is_dir() and len(list((mine / "cats").iterdir())) == 2
+    assert sorted(p.name.split("-")[0] for p in work.iterdir() if not p.name.startswith(".")) == ["my", "two"]

@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -449,7 +450,9 @@ def prune_extractions(base: Path, max_bytes: int, *, keep: Path | None = None) -
     """Deletes the least recently used extractions in ``base`` until they take at most ``max_bytes``.
 
     Never deletes ``keep``, one held by a live dataset of this process (:func:`hold`), or one used by any
-    process in the last :data:`IN_USE_GRACE_S` seconds. Incomplete extractions are deleted first.
+    process in the last :data:`IN_USE_GRACE_S` seconds. Only complete extractions made here (named
+    ``<name>-<hash>`` with their ``.complete`` marker) are ever deleted: other folders in a work folder a
+    person chose are never touched.
 
     Returns:
         The folders deleted.
@@ -457,23 +460,23 @@ def prune_extractions(base: Path, max_bytes: int, *, keep: Path | None = None) -
     now = time.time()
     entries = []
     for folder in base.iterdir() if base.is_dir() else ():
-        if folder.name.startswith(".") or not folder.is_dir() or folder.is_symlink():
+        if not _EXTRACTION_NAME.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
             continue
-        complete = (folder / ".complete").is_file()
-        size = _recorded_bytes(folder) if complete else _tree_bytes(folder)
+        if not (folder / ".complete").is_file():
+            continue
         try:
             used = folder.stat().st_mtime
         except OSError:
             continue
-        entries.append((complete, used, size, folder))
-    total = sum(e[2] for e in entries)
+        entries.append((used, _recorded_bytes(folder), folder))
+    total = sum(e[1] for e in entries)
     removed = []
-    for complete, _, size, folder in sorted(entries, key=lambda e: (e[0], e[1])):
+    for _, size, folder in sorted(entries, key=lambda e: e[0]):
         if total <= max_bytes:
             break
         if keep is not None and os.path.realpath(folder) == os.path.realpath(keep):
             continue
-        if _in_use(folder, now) and complete:
+        if _in_use(folder, now):
             continue
         _discard(folder)
         total -= size
@@ -531,6 +534,9 @@ def _remove_stale_extractions(base: Path, max_age_s: float = 6 * 3600) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             continue
+
+
+_EXTRACTION_NAME = re.compile(r"[\w-]{1,40}-[0-9a-f]{12}")
 
 
 def _slug(text: str) -> str:
