@@ -618,3 +618,27 @@ def test_pruning_never_touches_folders_it_did_not_make(tmp_path, monkeypatch):
     load_dataset(_zip_of(tmp_path, "two", 4), work_dir=work)
     assert (mine / "cats").is_dir() and len(list((mine / "cats").iterdir())) == 2
     assert sorted(p.name.split("-")[0] for p in work.iterdir() if not p.name.startswith(".")) == ["my", "two"]
+
+
+def test_a_new_zip_upload_removes_the_sessions_old_extractions(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ui.datasets import save_zip, zip_work_dir
+
+    monkeypatch.setattr(archives_mod, "IN_USE_GRACE_S", 0)
+    ws = SimpleNamespace(uploads=tmp_path / "uploads", data_dir=tmp_path / "data")
+    ws.uploads.mkdir()
+
+    class Upload:
+        def __init__(self, path: Path):
+            self.name, self._data = path.name, path.read_bytes()
+
+        def getbuffer(self):
+            return memoryview(self._data)
+
+    first = save_zip(ws, Upload(_zip_of(tmp_path, "first", 5)))
+    data = load_dataset(first, work_dir=zip_work_dir(ws))
+    old_root = data.root
+    del data
+    save_zip(ws, Upload(_zip_of(tmp_path, "second", 6)))
+    assert not Path(old_root).exists() and [p.name for p in ws.uploads.iterdir()] == ["second.zip"]

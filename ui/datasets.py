@@ -53,9 +53,16 @@ def _write(upload, target: Path) -> None:
 
 
 def save_zip(ws, upload) -> Path:
-    """Stores an uploaded zip in the session's uploads (replacing an earlier one)."""
+    """Stores an uploaded zip in the session's uploads (replacing an earlier one).
+
+    The extractions of the session's earlier zips are deleted once no dataset reads them (and they were
+    not used for a while); the engine keeps the folder under its size bound anyway.
+    """
+    from tl_core.data.archives import prune_extractions
+
     for old in ws.uploads.glob("*.zip"):
         old.unlink(missing_ok=True)
+    prune_extractions(zip_work_dir(ws), 0)
     name = safe_name(upload.name, default="data.zip")
     if not name.lower().endswith(".zip"):
         name += ".zip"
