@@ -56,11 +56,8 @@ def md_escape(text: object) -> str:
 
 
 def go(page: str) -> None:
-    """Switches to ``page`` (a key of :data:`PAGES`), keeping the session id in the URL."""
-    from ui import state
-
-    sid = state.SESSION_ID.get()
-    st.switch_page(PAGES[page].path, query_params={"sid": sid} if sid else None)
+    """Switches to ``page`` (a key of :data:`PAGES`); the session travels in its cookie, never in the URL."""
+    st.switch_page(PAGES[page].path)
 
 
 def next_button(label: str, page: str, *, key: str, primary: bool = True, help: str | None = None) -> None:

@@ -189,6 +189,11 @@ class TrainingJob:
             model in memory for the Evaluate and Predict pages).
         run_name: Display name of the run.
         image_cache: Decoded-image cache shared by the sessions (``None``: ``fit`` makes its own).
+        data_label: The dataset's name for people (kept with the run, to group runs by dataset).
+
+    Attributes:
+        fingerprint: The dataset's fingerprint: the job's status and results belong to that data
+            only, and pages show them only while it is the current dataset.
     """
 
     def __init__(
@@ -202,11 +207,14 @@ class TrainingJob:
         on_saved: Callable[[str, Any], None] | None = None,
         run_name: str | None = None,
         image_cache=None,
+        data_label: str | None = None,
     ):
         from tl_core.training import TrainState
 
         self.id = secrets.token_hex(4)
         self.data, self.splits, self.config, self.store = data, splits, config, store
+        self.fingerprint = data.fingerprint()
+        self.data_label = data_label or data.report.source
         self.load_backbone, self.on_saved, self.run_name = load_backbone, on_saved, run_name
         self.image_cache = image_cache
         self.state = TrainState(config=config.resolved())
@@ -329,7 +337,7 @@ class TrainingJob:
                 image_cache=self.image_cache,
             )
             self._set(status="saving", message="Saving the run…")
-            path = self.store.save(result, self.data, name=self.run_name)
+            path = self.store.save(result, self.data, name=self.run_name, data_label=self.data_label)
             self.result = result
             if self.on_saved is not None:
                 self.on_saved(path.name, result)
