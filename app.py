@@ -28,11 +28,7 @@ from ui.widgets import PAGES  # noqa: E402
 logging.getLogger("tl_core").setLevel(logging.INFO)
 
 state.init()
-ws = session.current()
-if not state.RESTORED.get():
-    # A new browser session (first visit or a refresh): the settings chosen before come back.
-    state.restore(ws.settings)
-    state.RESTORED.set(True)
+ws = session.current()  # also brings the settings back after a refresh
 warm_default_backbone()
 
 if "--sample" in sys.argv[1:] and not ws.sample_offered:

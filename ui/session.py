@@ -466,7 +466,9 @@ def cookie_script(sid: str) -> str:
 def current() -> Workspace:
     """This browser's workspace, found through its cookie (see the module docstring).
 
-    A session id never goes into the URL; one left there by an old link is removed and ignored.
+    A session id never goes into the URL; one left there by an old link is removed and ignored. On
+    the first run of a browser session the saved settings are put back into session state; on every
+    run the current ones are kept in the workspace.
     """
     import streamlit as st
 
@@ -480,6 +482,12 @@ def current() -> Workspace:
         sid = browser_secret() or new_session_id()
         state.SESSION_ID.set(sid)
     ws = REGISTRY.get_or_create(sid, restore=restore_dataset)
+    if not state.RESTORED.get():
+        # A new browser session (a refresh, a second tab): the settings chosen before come back.
+        state.restore(ws.settings)
+        state.RESTORED.set(True)
+    # Widgets' new values are in place when a run starts: kept now, and again when it ends (app.py).
+    ws.save_settings(state.snapshot())
     ws.touch(_streamlit_session_id())
     REGISTRY.maybe_sweep(_is_active)
     return ws

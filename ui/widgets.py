@@ -111,6 +111,33 @@ def seconds(s: float | None) -> str:
     return f"{h} h {m:02d} min"
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 image``, ``2 images``, ``1,024 images`` (``many``: an irregular plural)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def kept_epoch(metrics: dict) -> str:
+    """Which epoch a run kept, in words: ``epoch 5 of 8``, or the head warm-up before fine-tuning."""
+    best, run = metrics.get("best_epoch"), metrics.get("epochs_run")
+    if best is None:
+        return "the best epoch"
+    if best == 0:
+        return "the head warm-up (fine-tuning did not improve on it)"
+    return f"epoch {best} of {run}" if run else f"epoch {best}"
+
+
+def kept_row(history) -> dict | None:
+    """The epoch a run keeps so far: the lowest validation loss, first of equals (as the engine picks it)."""
+    best = None
+    for row in history:
+        loss = row.get("val_loss")
+        if loss is None or not math.isfinite(loss):
+            continue
+        if best is None or loss < best["val_loss"] - 1e-6:
+            best = row
+    return best
+
+
 def percent(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
 
