@@ -420,21 +420,32 @@ def test_main_flow_sample_train_evaluate_export_predict():
     assert at.get("plotly_chart"), "the confusion matrix is drawn"
     assert len(at.get("plotly_chart")) >= 1
 
+    # The cell view opens on the most-confused pair, never on an empty cell.
+    newest = workspace(at).store.list()[0][0]
+    from tl_core.runs import load_evaluation
+
+    pair = load_evaluation(newest).most_confused().iloc[0]
+    assert (at.session_state["ts_cm_true"], at.session_state["ts_cm_predicted"]) == (pair["true"], pair["predicted"])
+    assert any(f"of {pair['true']} taken for {pair['predicted']}" in c.value for c in at.caption)
     # Clicking a confusion-matrix cell is simulated with the fallback select boxes.
     at.selectbox(key="ts_cm_true").set_value("bees").run()
     at.selectbox(key="ts_cm_predicted").set_value("ants").run()
     assert_clean(at)
 
-    # Grad-CAM views.
+    # Grad-CAM views (only the open tab is computed).
+    at.session_state["ts_eval_tab"] = "Where it looks"
+    at.run()
     at.radio(key="ts_cam_view").set_value("A mistake").run()
     assert_clean(at)
     at.radio(key="ts_cam_view").set_value("Any image").run()
     assert_clean(at)
 
     # The embedding map: drawn once asked for, one trace per class and kind (right / mistake).
+    at.session_state["ts_eval_tab"] = "Map of the images"
+    at.run()
     at.toggle(key="eval_map_on").set_value(True).run()
     assert_clean(at)
-    assert len(at.get("plotly_chart")) >= 2, "the map is drawn beside the confusion matrix"
+    assert len(at.get("plotly_chart")) >= 1, "the map is drawn"
 
     # Export, then predict with the exported bundle as a returning user would.
     goto(at, "predict")
@@ -711,13 +722,34 @@ def test_two_runs_are_compared_side_by_side(tiny_dataset):
     ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
     names = sorted(r.name for r in ws.store.list()[0])
     assert names == ["efficientnet_lite0 · frozen · 2 epochs", "efficientnet_lite0 · frozen · hidden 64 · 2 epochs"]
+    # A third run, on other data, with the same name as the first.
+    from tl_core.data import load_dataset, split_dataset
+    from tl_core.training import TrainConfig
+    from ui.worker import TrainingJob
+
+    other = load_dataset(tiny_dataset({"ants": 7, "bees": 7}, name="other"))
+    cfg = TrainConfig(epochs=2)
+    TrainingJob(data=other, splits=split_dataset(other, val_fraction=0.34, seed=0), config=cfg, store=ws.store,
+                run_name=run_name(cfg), data_label="other photos").run()
     goto(at, "evaluate")
+    assert_clean(at)
+    assert not [d for d in at.dataframe if "val accuracy" in d.value.index], "only the open tab is computed"
+    at.session_state["ts_eval_tab"] = "Compare runs"
+    at.run()
     assert_clean(at)
     tables = [d.value for d in at.dataframe if "val accuracy" in d.value.index]
     assert len(tables) == 1, "the side-by-side table is shown"
     table = tables[0]
-    assert len(table.columns) == 2
+    assert len(table.columns) == 2, "by default, the runs of the evaluated run's data only"
+    assert set(table.loc["data"]) == {"data"}  # the folder's name: these jobs were given no label
     assert table.loc["val accuracy"].str.endswith("%").all()
+    ws_runs = {r.run_id: r for r in ws.store.list()[0]}
+    assert all(ws_runs[r].fingerprint == job.fingerprint for r in at.session_state["ts_compare_runs"])
+    assert len({r.name for r in ws_runs.values()}) == 3, "every run has its own name"
+    # Picking a run of other data says the figures are not comparable.
+    at.session_state["ts_compare_runs"] = list(ws_runs)
+    at.run()
+    assert any("different data" in w.value for w in at.warning)
 
 
 def test_health_findings_have_fixes(tiny_dataset):
@@ -743,3 +775,28 @@ def test_safe_names_and_markdown_escaping():
     assert class_folder_name("  a/b  c ") == "a_b c"
     assert class_folder_name("<b>x:y</b>") == "<b>x:y<_b>"
     assert md_escape("**x** <b>") == r"\*\*x\*\* \<b\>"
+
+
+def test_compare_bars_give_same_named_runs_a_group_each_and_class_labels_stay_level():
+    import pandas as pd
+
+    from ui.figures import class_counts, metric_bars
+
+    table = pd.DataFrame({"name": ["lite0 · frozen", "lite0 · frozen"], "val_accuracy": [0.8, 0.9],
+                          "macro_f1": [0.7, 0.85]})
+    fig = metric_bars(table, ["val_accuracy", "macro_f1"])
+    assert fig.layout.barmode == "group"
+    assert all(list(bar.x) == [0, 1] for bar in fig.data), "one position per run, never one per name"
+    assert list(fig.layout.xaxis.ticktext) == ["lite0 · frozen", "lite0 · frozen"]
+    chart = class_counts({"a very long class name indeed": 3, "b": 1})
+    assert chart.layout.xaxis.tickangle == 0 and all(bar.textangle == 0 for bar in chart.data)
+    assert "<br>" in chart.data[0].x[0], "a long name wraps instead of turning sideways"
+
+
+def test_plurals_say_one_image():
+    from ui.widgets import kept_epoch, plural
+
+    assert plural(1, "image") == "1 image" and plural(2, "image") == "2 images" and plural(1200, "image") == "1,200 images"
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"
+    assert kept_epoch({"best_epoch": 5, "epochs_run": 8}) == "epoch 5 of 8"
+    assert "warm-up" in kept_epoch({"best_epoch": 0, "epochs_run": 8})

@@ -154,6 +154,8 @@ TIME_BUDGET = _declare("ts_time_budget", 0, "Wall-clock budget of a run in secon
 
 EVAL_RUN = _declare("ts_eval_run", None, "Run shown on the Evaluate page (None: the newest).")
 CONFUSION_NORMALISED = _declare("ts_cm_normalised", False, "Show the confusion matrix as row shares.")
+EVAL_TAB = _declare("ts_eval_tab", "Overview", "The Evaluate page's open tab (only that tab is computed).")
+CELL_OF = _declare("ts_cm_of", None, "The (run, split) the picked cell belongs to; another one opens on its most-confused pair.")
 CELL_TRUE = _declare("ts_cm_true", None, "True class of the confusion-matrix cell whose images are listed.")
 CELL_PREDICTED = _declare("ts_cm_predicted", None, "Predicted class of that cell.")
 EVAL_SPLIT = _declare("ts_eval_split", "val", "Which split the Evaluate page shows: val or test.")
