@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,17 @@ def seconds(s: float | None) -> str:
         return f"{m} min {s:02d} s"
     h, m = divmod(m, 60)
     return f"{h} h {m:02d} min"
+
+
+def slug(text: str, *, default: str = "file", limit: int = 80) -> str:
+    """A safe, portable file name stem: ``efficientnet_lite0 · frozen #2`` -> ``efficientnet_lite0-frozen-2``.
+
+    ASCII letters, digits, ``_``, ``-`` and ``.`` only (accents dropped, everything else one ``-``), so
+    the name survives every file system, shell and e-mail client.
+    """
+    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii")
+    out = re.sub(r"[^A-Za-z0-9_.]+", "-", ascii_text).strip("-.")[:limit].strip("-.")
+    return out or default
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
