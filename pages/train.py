@@ -60,8 +60,8 @@ def progress_panel() -> None:
     """Live progress of the session's job (polled while it runs)."""
     job = ws.job
     if job is None or (not mine and not active):
-        st.info("**Not trained on this data yet.** Press **Start training**. With the sample data and a frozen "
-                "backbone it takes under a minute.", icon=":material/info:")
+        st.info("**Not trained on this data yet.** Press **Start training**. With a frozen backbone a few hundred "
+                "images train in about a minute on an ordinary computer.", icon=":material/info:")
         return
     p = job.snapshot()
     if active and not p.active:

@@ -377,6 +377,7 @@ def test_two_sessions_do_not_see_each_other(browser, server):
         assert b.get_by_text("No trained model yet.").is_visible()
         # A new data set in A: the sample's result leaves the view, its run stays labelled with its data.
         go_page(a, server, "Data", "Data")
+        a.get_by_text("Add or replace images").click()
         a.locator("[data-testid=stButtonGroup]").get_by_text("Zip file").click()
         wait_idle(a)
         a.locator("[data-testid=stFileUploader] input[type=file]").set_input_files(
