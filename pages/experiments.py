@@ -13,7 +13,7 @@ from ui.cache import pretrained_backbone, thumb, with_pretrained
 from ui.export_png import comparison_png, learning_curve_png
 from ui.figures import learning_curve, strategy_curves, top_k
 from ui.settings import current_splits
-from ui.widgets import image_grid, md_escape, percent, require_data, seconds, show_error
+from ui.widgets import image_grid, md_escape, percent, plural, require_data, seconds, show_error
 from ui.worker import ExperimentJob
 
 ws = session.current()
@@ -167,7 +167,7 @@ with curve_tab:
         if len(table):
             st.plotly_chart(learning_curve(table, curve.chance_accuracy), key="exp_curve_chart")
             st.caption(f"The band spans the runs with different random picks of the training images; "
-                       f"{curve.val_images} validation images.")
+                       f"{plural(curve.val_images, 'validation image')}.")
             d1, d2 = st.columns(2)
             d1.download_button("Download CSV", table.to_csv(index=False), file_name="learning_curve.csv",
                                mime="text/csv", key="exp_curve_csv", icon=":material/download:")

@@ -113,7 +113,10 @@ def progress_panel() -> None:
     m[2].metric("Time", seconds(p.elapsed if p.active else p.wall_seconds))
     m[3].metric("Device", p.device.upper())
     if p.history:
-        st.plotly_chart(training_curves(p.history, p.epochs), key="train_curves", config={"displayModeBar": False})
+        kept_at = kept_metrics.get("best_epoch") if p.status == "done" and kept_metrics else (
+            kept["epoch"] if kept else None)
+        st.plotly_chart(training_curves(p.history, p.epochs, kept=kept_at), key="train_curves",
+                        config={"displayModeBar": False})
     elif p.active:
         st.caption("The curves of loss and accuracy appear here after the first epoch.")
     for msg in p.messages:

@@ -390,6 +390,10 @@ def test_training_figures_are_the_kept_models_and_epochs_count_alike(tiny_datase
     assert metrics["Epochs done"] == "2 of 2", "the head warm-up before fine-tuning is not an epoch"
     done = next(s.value for s in at.success if "Done" in s.value)
     assert f"{kept['val_accuracy']:.1%}" in done and "epoch 0" not in done
+    import json
+
+    traces = [t for c in at.get("plotly_chart") for t in json.loads(c.proto.spec)["data"]]
+    assert [t.get("text") for t in traces if t.get("name") == "kept model"] == [["kept"]], "the kept epoch is marked"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -88,8 +88,8 @@ def class_counts(counts: dict[str, int], split_counts: dict[str, dict[str, int]]
 # Training
 
 
-def training_curves(history: Sequence[dict], epochs: int | None = None) -> go.Figure:
-    """Training and validation loss, and validation accuracy, per epoch."""
+def training_curves(history: Sequence[dict], epochs: int | None = None, kept: int | None = None) -> go.Figure:
+    """Training and validation loss, and validation accuracy, per epoch; ``kept``: the epoch the run keeps."""
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1)
     df = pd.DataFrame(list(history))
     if len(df):
@@ -99,6 +99,12 @@ def training_curves(history: Sequence[dict], epochs: int | None = None) -> go.Fi
                         line=dict(color=ORANGE), row=1, col=1)
         fig.add_scatter(x=df["epoch"], y=df["val_accuracy"], name="validation accuracy", mode="lines+markers",
                         line=dict(color=GREEN), row=1, col=2, showlegend=True)
+        row = df[df["epoch"] == kept]
+        if kept is not None and len(row):
+            # The one figure shown everywhere else: the kept epoch's, marked where it sits on the curve.
+            fig.add_scatter(x=row["epoch"], y=row["val_accuracy"], name="kept model", mode="markers+text",
+                            marker=dict(color=DARK, size=13, symbol="star"), text=["kept"], textposition="top center",
+                            row=1, col=2, showlegend=True)
     xmax = max(epochs or 1, int(df["epoch"].max()) if len(df) else 1)
     xmin = min(1, int(df["epoch"].min())) if len(df) else 1  # fine-tuning records a head warm-up as epoch 0
     fig.update_xaxes(title="epoch", range=[xmin - 0.5, xmax + 0.5])
