@@ -169,7 +169,7 @@ for n, (fp, label, group) in enumerate(groups):
             hide_index=True,
             key=f"train_runs_table_{n}",
             column_config={
-                "name": st.column_config.TextColumn("name", width="large"),
+                "name": st.column_config.TextColumn("name", width="medium"),
                 "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent",
                                                               help="Of the kept model (its best epoch)."),
                 "balanced_accuracy": st.column_config.NumberColumn("balanced acc.", format="percent"),

@@ -231,6 +231,8 @@ def train_now(page, timeout: float = 600_000) -> float:
     """On the Train page: Start, then wait for the end; returns the seconds it took."""
     t0 = time.time()
     button(page, "Start training").click()
+    # The previous run's "Next" button goes first (else it would be taken for this run's end).
+    page.get_by_role("button", name="Next: see how good it is").first.wait_for(state="hidden", timeout=60_000)
     button(page, "Next: see how good it is").wait_for(timeout=timeout)
     wait_idle(page)
     return time.time() - t0

@@ -103,7 +103,7 @@ def training_curves(history: Sequence[dict], epochs: int | None = None, kept: in
         if kept is not None and len(row):
             # The one figure shown everywhere else: the kept epoch's, marked where it sits on the curve.
             fig.add_scatter(x=row["epoch"], y=row["val_accuracy"], name="kept model", mode="markers+text",
-                            marker=dict(color=DARK, size=13, symbol="star"), text=["kept"], textposition="top center",
+                            marker=dict(color=DARK, size=13, symbol="star"), text=["kept"], textposition="bottom center",
                             row=1, col=2, showlegend=True)
     xmax = max(epochs or 1, int(df["epoch"].max()) if len(df) else 1)
     xmin = min(1, int(df["epoch"].min())) if len(df) else 1  # fine-tuning records a head warm-up as epoch 0
