@@ -457,6 +457,8 @@ def test_main_flow_sample_train_evaluate_export_predict():
     at.button(key="predict_export").click().run()
     ws = workspace(at)
     run_id = at.session_state["ts_predict_run"]
+    # Started by the click's callback: the very page drawn after the click shows its progress.
+    assert ws.exports[run_id].status != "running" or at.get("progress"), "no progress right after the click"
     assert ws.exports[run_id].join(300)
     at.run()
     assert_clean(at)

@@ -309,6 +309,7 @@ def test_main_flow_sample_to_confusion_matrix(browser, server):
         button(page, "Prepare the bundle").click()
         page.locator("[data-testid=stProgress]").first.wait_for(timeout=30_000)
         timings["seconds_to_export_progress"] = round(time.time() - t, 2)
+        page.screenshot(path=str(SCREENS / "07-predict-export-progress.png"), full_page=True)
         button(page, "Download the bundle").wait_for(timeout=300_000)
         timings["seconds_export"] = round(time.time() - t, 2)
         wait_idle(page)
