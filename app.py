@@ -5,7 +5,7 @@ or ``transfer-studio app [--sample]`` once the package is installed. Community C
 ``cloud/streamlit_app.py``.
 
 This file is the one router (STYLE habit 10): page config, session state defaults, the session's
-workspace, the shared sidebar, and ``st.navigation([...]).run()``. The pages live in ``pages/``.
+workspace (and the settings it keeps across a refresh), the shared sidebar, and ``st.navigation([...]).run()``. The pages live in ``pages/``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ui.widgets import PAGES  # noqa: E402
 logging.getLogger("tl_core").setLevel(logging.INFO)
 
 state.init()
-ws = session.current()
+ws = session.current()  # also brings the settings back after a refresh
 warm_default_backbone()
 
 if "--sample" in sys.argv[1:] and not ws.sample_offered:
@@ -44,7 +44,11 @@ pages = [
 ]
 navigation = st.navigation(pages)
 sidebar.render(ws)
+with st.sidebar:
+    session.remember_in_browser(ws.sid)  # after the sidebar's content: an invisible element
 try:
     navigation.run()
 finally:
+    # Also after st.stop()/st.rerun()/st.switch_page(): what the page just set is what a refresh restores.
+    ws.save_settings(state.snapshot())
     freeze_gc_after_imports()

@@ -22,7 +22,7 @@ from ui.datasets import (
 from ui.figures import class_counts
 from ui.report import findings, split_table
 from ui.settings import current_splits
-from ui.widgets import flash, go, image_grid, md_escape, show_error, show_flash
+from ui.widgets import flash, go, image_grid, md_escape, plural, show_error, show_flash
 
 ws = session.current()
 data = ws.dataset
@@ -35,7 +35,8 @@ if data is not None:
     report = data.report
     label = ws.origin["label"] if ws.origin else report.source
     top = st.columns([5, 2, 2], vertical_alignment="center")
-    top[0].markdown(f"**{md_escape(label)}** · {report.num_images:,} images in {len(data.classes)} classes")
+    top[0].markdown(f"**{md_escape(label)}** · {plural(report.num_images, 'image')} in "
+                    f"{plural(len(data.classes), 'class', 'classes')}")
     with top[1]:
         if st.button("Next: choose a model", type="primary", icon=":material/arrow_forward:", icon_position="right",
                      key="data_next_model", width="stretch"):
@@ -112,7 +113,7 @@ with st.expander("Add or replace images", expanded=data is None, icon=":material
             files = st.file_uploader("Images of this class", type=IMAGE_TYPES, accept_multiple_files=True,
                                      key=f"ts_batch_{nonce}")
         class_name = state.BATCH_CLASS_NAME.get().strip()
-        st.button(f"Add {len(files or [])} images to this class", key="data_add_batch", type="primary",
+        st.button(f"Add {plural(len(files or []), 'image')} to this class", key="data_add_batch", type="primary",
                   disabled=not files or not class_name, on_click=_add_batch, args=(files or [],))
         classes = batch_classes(ws)
         if classes:
@@ -206,7 +207,7 @@ with browse:
     with c2:
         page = st.pagination(pages, default=1, **state.PREVIEW_PAGE.widget) if pages > 1 else 1
     shown = members[(page - 1) * per_page : page * per_page]
-    st.caption(f"{len(members)} images of this class; page {page} of {pages}.")
+    st.caption(f"{plural(len(members), 'image')} of this class; page {page} of {pages}.")
     image_grid([(thumb(s.path), Path(s.relpath).name) for s in shown], columns=8)
 
 with split_tab:

@@ -13,7 +13,7 @@ from ui.cache import pretrained_backbone, thumb, with_pretrained
 from ui.export_png import comparison_png, learning_curve_png
 from ui.figures import learning_curve, strategy_curves, top_k
 from ui.settings import current_splits
-from ui.widgets import image_grid, md_escape, percent, require_data, seconds, show_error
+from ui.widgets import image_grid, md_escape, percent, plural, require_data, seconds, show_error
 from ui.worker import ExperimentJob
 
 ws = session.current()
@@ -31,10 +31,24 @@ except ValueError as exc:
     st.stop()
 
 
+def this_data(kind: str):
+    """The session's experiment ``kind`` if it was run on the data loaded now (results belong to their data)."""
+    job = ws.experiments.get(kind)
+    job_data = job.kwargs.get("data") if job is not None else None
+    if job_data is None or (job_data is not data and job_data.fingerprint() != ws.fingerprint):
+        return None
+    return job
+
+
 def job_panel(kind: str) -> None:
     """Progress of the session's experiment ``kind`` with a Stop button (polled while it runs)."""
     job = ws.experiments.get(kind)
     if job is None:
+        return
+    if this_data(kind) is None:
+        if job.active:
+            st.caption("An experiment on the data loaded before is still running; its results stay with that data.")
+            st.button("Stop it", key=f"exp_stop_{kind}", icon=":material/stop:", on_click=job.stop)
         return
     if job.active:
 
@@ -89,15 +103,16 @@ with compare_tab:
     st.slider("Seconds per method", 15, 180, step=15, help="Each of the three gets this much wall-clock time.",
               **state.EXP_BUDGET.widget)
     budget = float(state.EXP_BUDGET.get())
-    job = ws.experiments.get("compare")
+    job = this_data("compare")
     common = dict(data=data, backbone=backbone, budget_seconds=budget, seed=int(state.SPLIT_SEED.get()),
                   splits=splits, results_dir=ws.experiments_dir)
     if st.button(f"Run the comparison (about {seconds(budget * 3.3)})", key="exp_compare", type="primary",
-                 icon=":material/play_arrow:", disabled=job is not None and job.active):
+                 icon=":material/play_arrow:", disabled=ws.experiments.get("compare") is not None
+                                                       and ws.experiments["compare"].active):
         ws.experiments["compare"] = ExperimentJob(with_pretrained(ex.compare_strategies, backbone), **common).start()
         st.rerun()
     job_panel("compare")
-    job = ws.experiments.get("compare")
+    job = this_data("compare")
     result = job.result if job is not None and job.result is not None else None
     if result is None and (job is None or not job.active):
         try:  # saved runs of these settings, e.g. after a refresh
@@ -130,16 +145,17 @@ with curve_tab:
                 "features reach good accuracy with very few images; a network from scratch does not.")
     st.slider("Seconds per from-scratch point", 3, 30, step=1, help="Frozen points take a second or two each.",
               **state.EXP_CURVE_BUDGET.widget)
-    job = ws.experiments.get("curve")
+    job = this_data("curve")
     curve_args = dict(data=data, backbone=backbone, per_class=(1, 2, 5, 10, 25, None), seeds=(0, 1),
                       methods=("frozen", "scratch"), budget_seconds_per_point=float(state.EXP_CURVE_BUDGET.get()),
                       splits=splits, results_dir=ws.experiments_dir)
     if st.button("Draw the learning curve (a few minutes)", key="exp_curve", type="primary",
-                 icon=":material/play_arrow:", disabled=job is not None and job.active):
+                 icon=":material/play_arrow:", disabled=ws.experiments.get("curve") is not None
+                                                       and ws.experiments["curve"].active):
         ws.experiments["curve"] = ExperimentJob(with_pretrained(ex.learning_curve, backbone), **curve_args).start()
         st.rerun()
     job_panel("curve")
-    job = ws.experiments.get("curve")
+    job = this_data("curve")
     curve = job.result if job is not None and job.result is not None else None
     if curve is None and (job is None or not job.active):
         try:
@@ -151,7 +167,7 @@ with curve_tab:
         if len(table):
             st.plotly_chart(learning_curve(table, curve.chance_accuracy), key="exp_curve_chart")
             st.caption(f"The band spans the runs with different random picks of the training images; "
-                       f"{curve.val_images} validation images.")
+                       f"{plural(curve.val_images, 'validation image')}.")
             d1, d2 = st.columns(2)
             d1.download_button("Download CSV", table.to_csv(index=False), file_name="learning_curve.csv",
                                mime="text/csv", key="exp_curve_csv", icon=":material/download:")

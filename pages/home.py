@@ -52,7 +52,7 @@ with right:
 st.divider()
 a, b, c = st.columns(3)
 a.markdown("**:material/photo_library: Your data stays yours**  \nImages and models are kept in a private "
-           "folder for this browser tab only.")
+           "folder for this browser only; no link gives access to them.")
 b.markdown("**:material/speed: Fast on an ordinary computer**  \nWith a frozen backbone the sample trains in "
            "well under a minute on two CPU cores.")
 c.markdown("**:material/verified: Know when to trust it**  \nA confusion matrix, the mistakes it makes, and heat "

@@ -90,8 +90,7 @@ if data is not None:
 
         _wait_for_recommendation()
     elif rec_job is not None and rec_job.status == "done" and rec_job.result is not None:
-        if recommend.apply_as_default(rec_job):
-            st.rerun()
+        # Shown, never applied by itself: opening this page must not change a setting behind the person's back.
         rec = rec_job.result
         box = st.container(border=True)
         box.markdown(":material/lightbulb: " + recommend.describe(rec))

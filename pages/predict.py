@@ -6,9 +6,8 @@ from tl_core.preprocess import ImageDecodeError
 from tl_core.runs import RunError
 from ui import cam, session, state
 from ui.cache import run_evaluation
-from ui.datasets import safe_name
 from ui.figures import top_k
-from ui.widgets import md_escape, percent, require_run, seconds, show_error
+from ui.widgets import md_escape, percent, require_run, seconds, show_error, slug
 from ui.worker import ExportJob
 
 try:
@@ -131,33 +130,38 @@ if run is not None and predictor is not None:
     out = ws.exports_dir / f"{run.run_id}.zip"
     job = ws.exports.get(run.run_id)
     if out.is_file() and (job is None or job.done):
-        st.download_button("Download the bundle", data=out.read_bytes, file_name=f"{safe_name(run.name, default='model')}.zip",
+        st.download_button("Download the bundle", data=out.read_bytes, file_name=f"{slug(run.name, default='model')}.zip",
                            mime="application/zip", type="primary", icon=":material/download:",
                            key=f"predict_download_{run.run_id}", on_click="ignore")
-        st.caption(f"{out.stat().st_size / 1e6:.1f} MB")
+        took = f" · prepared in {seconds(job.seconds)}" if job is not None and job.seconds else ""
+        st.caption(f"{out.stat().st_size / 1e6:.1f} MB{took}")
     elif job is not None and job.status == "running":
 
         def export_progress() -> None:
             j = ws.exports.get(run.run_id)
             if j is None or j.status != "running":
                 st.rerun()
-            st.info(f"Preparing the bundle (weights, TorchScript, ONNX)… {seconds(j.elapsed)}",
-                    icon=":material/hourglass_top:")
+            eta = j.eta
+            left = f" · about {seconds(eta)} left" if eta == eta else ""
+            st.progress(min(j.share, 1.0), text=f"{md_escape(j.step)}… {seconds(j.elapsed)}{left}")
 
-        st.fragment(export_progress, run_every=1.0)()
+        st.fragment(export_progress, run_every=0.5)()
     else:
         if job is not None and job.status == "failed":
             show_error(job.message)
-        if st.button("Prepare the bundle", icon=":material/inventory_2:", key="predict_export", type="primary",
-                     help="Takes about half a minute: the model is converted to TorchScript and ONNX and checked."):
-            try:
-                ev = run_evaluation(str(run.path), "val")
-                confusion = ev.confusion().tolist()
-            except RunError:
-                confusion = None
+
+        def start_export(run=run, out=out) -> None:
+            # In the click's callback: the page drawn right after the click already shows the progress;
+            # the model is loaded and the confusion matrix read in the job's thread.
+            def confusion():
+                try:
+                    return run_evaluation(str(run.path), "val").confusion().tolist()
+                except RunError:
+                    return None
+
             train_counts = run.meta.get("data", {}).get("split_counts", {}).get("train")
             ws.exports[run.run_id] = ExportJob(
-                ws.model(run.run_id),
+                lambda: ws.model(run.run_id),
                 out,
                 class_names=run.class_names,
                 metrics=run.meta.get("metrics"),
@@ -166,4 +170,7 @@ if run is not None and predictor is not None:
                 confusion=confusion,
                 class_counts=train_counts,
             ).start()
-            st.rerun()
+
+        st.button("Prepare the bundle", icon=":material/inventory_2:", key="predict_export", type="primary",
+                  on_click=start_export,
+                  help="Takes a few seconds: the model is converted to TorchScript and ONNX and checked.")

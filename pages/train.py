@@ -1,5 +1,6 @@
 """Train: start and stop a run, watch its progress live, and see the runs trained so far."""
 
+import pandas as pd
 import streamlit as st
 
 from tl_core.training import TrainConfig
@@ -7,7 +8,7 @@ from ui import session, state
 from ui.cache import device_label, pretrained_backbone, shared_image_cache
 from ui.figures import training_curves
 from ui.settings import current_splits, describe, run_name, train_config
-from ui.widgets import go, md_escape, percent, require_data, seconds, show_error
+from ui.widgets import go, kept_epoch, kept_row, md_escape, percent, plural, require_data, seconds, show_error
 from ui.worker import TrainingJob
 
 ws = session.current()
@@ -27,14 +28,16 @@ except ValueError as exc:
 job = ws.job
 snap = job.snapshot() if job is not None else None
 active = snap is not None and snap.active
+# A job's status and results belong to the data it trained on: after a new upload they leave the view.
+mine = job is not None and job.fingerprint == ws.fingerprint
 
 info, buttons = st.columns([5, 3], vertical_alignment="center")
 with info:
     # While a run is going, show its settings (the Model page may have changed since).
     shown = TrainConfig.from_dict(snap.config) if active else config.resolved()
     st.markdown(f"**{md_escape(describe(shown))}**")
-    st.caption(f"{len(splits.train)} training and {len(splits.val)} validation images"
-               + (f", {len(splits.test)} test images" if splits.test else "") + f" · {device_label()}")
+    st.caption(f"{len(splits.train):,} training and {plural(len(splits.val), 'validation image')}"
+               + (f", {plural(len(splits.test), 'test image')}" if splits.test else "") + f" · {device_label()}")
 with buttons:
     b1, b2 = st.columns(2)
     start = b1.button("Start training", type="primary", icon=":material/play_arrow:", key="train_start",
@@ -45,6 +48,7 @@ with buttons:
 if start and not active:
     ws.job = TrainingJob(data=data, splits=splits, config=config, store=ws.store,
                          load_backbone=pretrained_backbone, image_cache=shared_image_cache(), run_name=run_name(config),
+                         data_label=ws.data_label,
                          on_saved=lambda run_id, result: ws.remember_model(run_id, result.model)).start()
     st.rerun()
 if stop and active:
@@ -55,13 +59,16 @@ if stop and active:
 def progress_panel() -> None:
     """Live progress of the session's job (polled while it runs)."""
     job = ws.job
-    if job is None:
-        st.info("Press **Start training**. With the sample data and a frozen backbone it takes under a minute.",
-                icon=":material/info:")
+    if job is None or (not mine and not active):
+        st.info("**Not trained on this data yet.** Press **Start training**. With a frozen backbone a few hundred "
+                "images train in about a minute on an ordinary computer.", icon=":material/info:")
         return
     p = job.snapshot()
     if active and not p.active:
         st.rerun()  # it just ended: rerun the whole page (buttons, results and the runs table change)
+    if not mine:
+        st.warning(f"This training is on **{md_escape(job.data_label)}**, the data loaded before; its model is kept "
+                   "with that data. Stop it, or wait for it, to train on this data.", icon=":material/warning:")
     if p.status == "queued":
         st.info(f"Waiting for another training on this server to finish ({p.queue_position} ahead of you).",
                 icon=":material/schedule:")
@@ -89,32 +96,48 @@ def progress_panel() -> None:
                       + (f" · about {seconds(p.epochs_eta)} left" if p.active else ""))
     st.progress(min(p.epoch_fraction, 1.0), text=epoch_text)
     m = st.columns(4)
-    latest = p.history[-1]["val_accuracy"] if p.history else None
-    m[0].metric("Validation accuracy", percent(latest), help="Of the latest epoch. The run keeps the epoch with the "
-                "lowest validation loss, which is usually, not always, the most accurate one.")
-    m[1].metric("Epochs done", len(p.history))
+    done_epochs = [r for r in p.history if r.get("epoch", 0) > 0]  # a fine-tuning's head warm-up is epoch 0
+    kept = kept_row(p.history)
+    if p.status == "done" and kept_metrics:
+        # The saved run's own figure: exactly what Evaluate, the sidebar and the runs table show.
+        m[0].metric("Validation accuracy · kept model", percent(kept_metrics.get("val_accuracy")),
+                    help=f"Of the model the run kept: {kept_epoch(kept_metrics)}, the one with the lowest "
+                         "validation loss. Evaluate shows this model.")
+    else:
+        which = ("the head warm-up" if kept and kept.get("epoch") == 0
+                 else f"epoch {kept['epoch']}" if kept else "no epoch yet")
+        m[0].metric("Validation accuracy · best so far", percent(kept["val_accuracy"] if kept else None),
+                    help=f"Of the epoch the run would keep now ({which}): the lowest validation loss. The latest "
+                         "epoch's own figure is on the curves.")
+    m[1].metric("Epochs done", f"{len(done_epochs)} of {p.epochs}")
     m[2].metric("Time", seconds(p.elapsed if p.active else p.wall_seconds))
     m[3].metric("Device", p.device.upper())
     if p.history:
-        st.plotly_chart(training_curves(p.history, p.epochs), key="train_curves", config={"displayModeBar": False})
+        kept_at = kept_metrics.get("best_epoch") if p.status == "done" and kept_metrics else (
+            kept["epoch"] if kept else None)
+        st.plotly_chart(training_curves(p.history, p.epochs, kept=kept_at), key="train_curves",
+                        config={"displayModeBar": False})
     elif p.active:
         st.caption("The curves of loss and accuracy appear here after the first epoch.")
     for msg in p.messages:
         st.caption(md_escape(msg))
 
 
-if snap is not None and not snap.active:
+kept_metrics: dict = {}
+if snap is not None and snap.status == "done" and mine:
+    try:
+        kept_metrics = ws.store.get(snap.run_id).metrics
+    except Exception:  # noqa: BLE001 - a deleted run: the message alone is enough
+        kept_metrics = {}
+
+if snap is not None and not snap.active and mine:
     if snap.status == "done":
-        try:
-            kept = ws.store.get(snap.run_id).metrics
-        except Exception:  # noqa: BLE001 - a deleted run: the message alone is enough
-            kept = {}
         note = "" if snap.outcome == "completed" else f" {md_escape(snap.message)}"
         done, nxt = st.columns([5, 2], vertical_alignment="center")
         done.success(f"**Done in {seconds(snap.wall_seconds)}.** Validation accuracy of the kept model: "
-                     f"**{percent(kept.get('val_accuracy'))}** (epoch {kept.get('best_epoch', '–')} of "
-                     f"{kept.get('epochs_run', '–')}).{note}", icon=":material/check_circle:")
-        for warning in kept.get("warnings") or []:  # the same warnings as `train --json`
+                     f"**{percent(kept_metrics.get('val_accuracy'))}** ({kept_epoch(kept_metrics)}).{note}",
+                     icon=":material/check_circle:")
+        for warning in kept_metrics.get("warnings") or []:  # the same warnings as `train --json`
             st.warning(md_escape(warning), icon=":material/warning:")
         if nxt.button("Next: see how good it is", type="primary", icon=":material/arrow_forward:",
                       icon_position="right", key="train_next_evaluate", width="stretch"):
@@ -131,21 +154,28 @@ st.fragment(progress_panel, run_every=1.0 if active else None)()
 
 st.divider()
 st.subheader("Your trained models")
-table = ws.store.table()
-if table.empty:
+groups = ws.store.groups(first=ws.fingerprint)
+if not groups:
     st.caption("None yet. Each finished run is kept here, so you can compare them on the Evaluate page.")
-else:
+columns = ["name", "val_accuracy", "balanced_accuracy", "macro_f1", "backbone", "strategy", "epochs", "seconds",
+           "status", "created"]
+for n, (fp, label, group) in enumerate(groups):
+    table = pd.DataFrame([r.row() for r in group])
     table["created"] = table["created"].str.slice(0, 16).str.replace("T", " ")
-    columns = ["name", "val_accuracy", "balanced_accuracy", "macro_f1", "backbone", "strategy", "epochs", "seconds",
-               "status", "created", "data"]
-    st.dataframe(
-        table[columns],
-        hide_index=True,
-        key="train_runs_table",
-        column_config={
-            "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent"),
-            "balanced_accuracy": st.column_config.NumberColumn("balanced acc.", format="percent"),
-            "macro_f1": st.column_config.NumberColumn("macro F1", format="%.3f"),
-            "seconds": st.column_config.NumberColumn("seconds", format="%.0f"),
-        },
-    )
+    this = fp == ws.fingerprint
+    title = (f"**{md_escape(label)}** · {plural(len(group), 'model')}" + (" · the data loaded now" if this else ""))
+    # The current data's models open; other data's models stay one click away, labelled with their data.
+    with st.expander(title, expanded=this or (n == 0 and ws.fingerprint is None), icon=":material/photo_library:"):
+        st.dataframe(
+            table[columns],
+            hide_index=True,
+            key=f"train_runs_table_{n}",
+            column_config={
+                "name": st.column_config.TextColumn("name", width="medium"),
+                "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent",
+                                                              help="Of the kept model (its best epoch)."),
+                "balanced_accuracy": st.column_config.NumberColumn("balanced acc.", format="percent"),
+                "macro_f1": st.column_config.NumberColumn("macro F1", format="%.3f"),
+                "seconds": st.column_config.NumberColumn("seconds", format="%.0f"),
+            },
+        )

@@ -63,6 +63,17 @@ def load_sample(at: AppTest) -> None:
     use_sample(workspace(at))
 
 
+def refreshed(monkeypatch, sid: str) -> AppTest:
+    """A browser refresh: a new Streamlit session whose browser sends the session cookie ``sid``.
+
+    (AppTest cannot send cookies, so the one function that reads the cookie is replaced.)
+    """
+    import ui.session
+
+    monkeypatch.setattr(ui.session, "browser_secret", lambda: sid)
+    return new_app()
+
+
 def wait_for_job(at: AppTest, timeout: float = 600) -> None:
     ws = workspace(at)
     assert ws.job is not None, "no training job was started"
@@ -105,28 +116,68 @@ def test_sidebar_shows_dataset_backbone_device_and_status():
     assert "Not trained yet" in text
 
 
-def test_refresh_keeps_the_dataset_and_the_sidebar_shows_it():
-    """A refresh is a new Streamlit session with the same ?sid=: it finds the same workspace.
+def test_refresh_keeps_the_dataset_and_the_sidebar_shows_it(monkeypatch):
+    """A refresh is a new Streamlit session whose browser sends the cookie: it finds the same workspace.
 
     (AppTest keeps the entrypoint's sidebar only on a session's first run, so the sidebar is checked
     on the first run of the "refreshed" session.)
     """
     first = new_app().run()
     load_sample(first)
-    again = new_app()
-    again.query_params["sid"] = first.session_state["ts_session_id"]
-    again.run()
+    again = refreshed(monkeypatch, first.session_state["ts_session_id"]).run()
     assert_clean(again)
     assert workspace(again) is workspace(first)
     assert any("398 images" in c.value for c in again.sidebar.caption)
 
 
-def test_session_id_is_in_the_url_and_survives_page_switches():
+def test_the_session_is_never_in_the_url_and_an_old_sid_link_gives_no_access():
+    owner = new_app().run()
+    load_sample(owner)
+    sid = owner.session_state["ts_session_id"]
+    assert "sid" not in owner.query_params
+    goto(owner, "model")
+    assert "sid" not in owner.query_params
+    # Someone opens a link with the owner's id in it (as the studio used to make): a new, empty workspace.
+    stranger = new_app()
+    stranger.query_params["sid"] = sid
+    stranger.run()
+    assert stranger.session_state["ts_session_id"] != sid
+    assert workspace(stranger).dataset is None and workspace(stranger) is not workspace(owner)
+    assert "sid" not in stranger.query_params, "the parameter is removed, so it lands in no history"
+    assert "No images yet" in " ".join(m.value for m in stranger.sidebar.markdown)
+
+
+def test_the_browser_gets_the_session_as_a_strict_cookie():
+    from ui.session import COOKIE, cookie_script
+
     at = new_app().run()
     sid = at.session_state["ts_session_id"]
-    assert at.query_params.get("sid") in (sid, [sid])
-    goto(at, "model")
-    assert at.query_params.get("sid") in (sid, [sid])
+    scripts = [h.proto.body for h in at.get("html") if COOKIE in h.proto.body]
+    assert scripts == [cookie_script(sid)], "the page sets the cookie (AppTest sends none)"
+    assert f"{COOKIE}={sid}" in scripts[0] and "SameSite=Strict" in scripts[0] and "Path=/" in scripts[0]
+
+
+def test_settings_survive_a_refresh_and_the_model_page_changes_none(monkeypatch):
+    first = new_app().run()
+    load_sample(first)
+    goto(first, "model")
+    first.selectbox(key="ts_backbone").set_value("efficientnet_lite1").run()
+    first.number_input(key="ts_epochs").set_value(5).run()
+    first.selectbox(key="ts_hidden").set_value(128).run()
+    goto(first, "data")
+    again = refreshed(monkeypatch, first.session_state["ts_session_id"]).run()
+    assert again.session_state["ts_backbone"] == "efficientnet_lite1"
+    assert again.session_state["ts_epochs"] == 5 and again.session_state["ts_hidden"] == 128
+    assert again.session_state["ts_strategy"] == "frozen"
+    # Opening the Model page once its recommendation has finished shows it, and changes no setting.
+    goto(again, "model")
+    job = workspace(again).experiments.get("recommend")
+    assert job is not None and job.join(600) and job.status == "done", getattr(job, "message", "")
+    goto(again, "model")
+    assert_clean(again)
+    assert any("Suggested" in m.value for m in again.markdown)
+    assert again.session_state["ts_strategy"] == "frozen", f"switched to {job.result.strategy} by itself"
+    assert again.session_state["ts_epochs"] == 5 and again.session_state["ts_backbone"] == "efficientnet_lite1"
 
 
 def test_home_sample_button_loads_data_and_opens_data_page():
@@ -273,6 +324,78 @@ def test_offline_only_backbone_is_marked_and_fails_with_the_engine_message(monke
     assert at.error and "cannot download" in at.error[0].value.lower()
 
 
+def test_results_belong_to_their_data_a_new_dataset_clears_them_from_view(tiny_dataset):
+    """Train on one dataset, load another: no status, accuracy or "Done" of the first shows as the second's."""
+    from ui.datasets import use_source
+
+    at = new_app().run()
+    ws = workspace(at)
+    use_source(ws, tiny_dataset({"ants": 6, "bees": 6}, name="first"), kind="folder", label="first set")
+    goto(at, "model")
+    at.number_input(key="ts_epochs").set_value(3).run()
+    goto(at, "train")
+    at.button(key="train_start").click().run()
+    wait_for_job(at)
+    at.run()
+    assert any("Done" in s.value for s in at.success)
+    assert any("Training finished" in m.value for m in new_app_sidebar(ws))
+    # Same classes, other photos: a dataset the studio has never trained on.
+    use_source(ws, tiny_dataset({"ants": 7, "bees": 7}, name="second"), kind="folder", label="second set")
+    at.run()
+    assert_clean(at)
+    assert not any("Done" in s.value for s in at.success), "the first data's result is not this data's"
+    assert any("Not trained on this data yet" in i.value for i in at.info)
+    assert not at.button(key="train_start").disabled
+    sidebar = " ".join(m.value for m in new_app_sidebar(ws))
+    assert "Not trained on this data yet" in sidebar and "Training finished" not in sidebar
+    # Its run stays in the history, labelled with its data, in a group of its own.
+    titles = [e.label for e in at.expander]
+    assert any("first set" in t and "1 model" in t for t in titles), titles
+    assert not any("second set" in t for t in titles)
+    run = ws.store.list()[0][0]
+    assert run.dataset == "first set" and run.fingerprint != ws.fingerprint
+
+
+def new_app_sidebar(ws):
+    """The sidebar's markdown as a fresh browser session of ``ws`` draws it (AppTest keeps it on a first run)."""
+    import ui.session
+
+    old = ui.session.browser_secret
+    ui.session.browser_secret = lambda: ws.sid
+    try:
+        fresh = new_app().run()
+    finally:
+        ui.session.browser_secret = old
+    return list(fresh.sidebar.markdown)
+
+
+def test_training_figures_are_the_kept_models_and_epochs_count_alike(tiny_dataset):
+    """The big number is the kept model's; "Epochs done" counts like "epoch k of n" (no warm-up epoch)."""
+    from ui.datasets import use_source
+
+    at = new_app().run()
+    ws = workspace(at)
+    use_source(ws, tiny_dataset({"ants": 6, "bees": 6}), kind="folder", label="tiny")
+    goto(at, "model")
+    at.radio(key="ts_strategy").set_value("partial").run()
+    at.number_input(key="ts_epochs").set_value(2).run()
+    goto(at, "train")
+    at.button(key="train_start").click().run()
+    wait_for_job(at)
+    at.run()
+    assert_clean(at)
+    kept = ws.store.list()[0][0].metrics
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Validation accuracy · kept model"] == f"{kept['val_accuracy']:.1%}"
+    assert metrics["Epochs done"] == "2 of 2", "the head warm-up before fine-tuning is not an epoch"
+    done = next(s.value for s in at.success if "Done" in s.value)
+    assert f"{kept['val_accuracy']:.1%}" in done and "epoch 0" not in done
+    import json
+
+    traces = [t for c in at.get("plotly_chart") for t in json.loads(c.proto.spec)["data"]]
+    assert [t.get("text") for t in traces if t.get("name") == "kept model"] == [["kept"]], "the kept epoch is marked"
+
+
 # --------------------------------------------------------------------------------------------------
 # The main flow
 
@@ -301,21 +424,32 @@ def test_main_flow_sample_train_evaluate_export_predict():
     assert at.get("plotly_chart"), "the confusion matrix is drawn"
     assert len(at.get("plotly_chart")) >= 1
 
+    # The cell view opens on the most-confused pair, never on an empty cell.
+    newest = workspace(at).store.list()[0][0]
+    from tl_core.runs import load_evaluation
+
+    pair = load_evaluation(newest).most_confused().iloc[0]
+    assert (at.session_state["ts_cm_true"], at.session_state["ts_cm_predicted"]) == (pair["true"], pair["predicted"])
+    assert any(f"of {pair['true']} taken for {pair['predicted']}" in c.value for c in at.caption)
     # Clicking a confusion-matrix cell is simulated with the fallback select boxes.
     at.selectbox(key="ts_cm_true").set_value("bees").run()
     at.selectbox(key="ts_cm_predicted").set_value("ants").run()
     assert_clean(at)
 
-    # Grad-CAM views.
+    # Grad-CAM views (only the open tab is computed).
+    at.session_state["ts_eval_tab"] = "Where it looks"
+    at.run()
     at.radio(key="ts_cam_view").set_value("A mistake").run()
     assert_clean(at)
     at.radio(key="ts_cam_view").set_value("Any image").run()
     assert_clean(at)
 
     # The embedding map: drawn once asked for, one trace per class and kind (right / mistake).
+    at.session_state["ts_eval_tab"] = "Map of the images"
+    at.run()
     at.toggle(key="eval_map_on").set_value(True).run()
     assert_clean(at)
-    assert len(at.get("plotly_chart")) >= 2, "the map is drawn beside the confusion matrix"
+    assert len(at.get("plotly_chart")) >= 1, "the map is drawn"
 
     # Export, then predict with the exported bundle as a returning user would.
     goto(at, "predict")
@@ -323,6 +457,8 @@ def test_main_flow_sample_train_evaluate_export_predict():
     at.button(key="predict_export").click().run()
     ws = workspace(at)
     run_id = at.session_state["ts_predict_run"]
+    # Started by the click's callback: the very page drawn after the click shows its progress.
+    assert ws.exports[run_id].status != "running" or at.get("progress"), "no progress right after the click"
     assert ws.exports[run_id].join(300)
     at.run()
     assert_clean(at)
@@ -362,7 +498,7 @@ def test_experiments_recommendation_runs_in_the_background_and_can_be_applied():
 
 
 @pytest.mark.slow
-def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny_dataset):
+def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny_dataset, monkeypatch):
     from ui.datasets import use_source
 
     at = new_app().run()
@@ -373,9 +509,7 @@ def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny
     job = workspace(at).experiments["compare"]
     assert job.join(900) and job.status == "done", job.message
     # A refresh: a new Streamlit session, same workspace; the saved runs are drawn without training.
-    again = new_app()
-    again.query_params["sid"] = at.session_state["ts_session_id"]
-    again.run()
+    again = refreshed(monkeypatch, at.session_state["ts_session_id"]).run()
     workspace(again).experiments.clear()
     goto(again, "experiments")
     again.slider(key="ts_exp_budget").set_value(15).run()
@@ -491,8 +625,8 @@ def test_worker_error_becomes_a_message_not_a_crash(tiny_dataset, tmp_path):
     assert snap.status == "failed" and "choose efficientnet_lite0" in snap.message
 
 
-def test_a_refresh_reattaches_to_the_running_job(tiny_dataset):
-    """A new Streamlit session with the same ?sid= finds the job still running and can stop it."""
+def test_a_refresh_reattaches_to_the_running_job(tiny_dataset, monkeypatch):
+    """A new Streamlit session with the session's cookie finds the job still running and can stop it."""
     from ui.session import REGISTRY, new_session_id
 
     sid = new_session_id()
@@ -503,9 +637,7 @@ def test_a_refresh_reattaches_to_the_running_job(tiny_dataset):
     while ws.job.snapshot().epoch < 2:
         time.sleep(0.05)
 
-    at = new_app()
-    at.query_params["sid"] = sid
-    at.run()
+    at = refreshed(monkeypatch, sid).run()
     assert at.session_state["ts_session_id"] == sid
     goto(at, "train")
     assert not at.exception
@@ -596,13 +728,34 @@ def test_two_runs_are_compared_side_by_side(tiny_dataset):
     ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
     names = sorted(r.name for r in ws.store.list()[0])
     assert names == ["efficientnet_lite0 · frozen · 2 epochs", "efficientnet_lite0 · frozen · hidden 64 · 2 epochs"]
+    # A third run, on other data, with the same name as the first.
+    from tl_core.data import load_dataset, split_dataset
+    from tl_core.training import TrainConfig
+    from ui.worker import TrainingJob
+
+    other = load_dataset(tiny_dataset({"ants": 7, "bees": 7}, name="other"))
+    cfg = TrainConfig(epochs=2)
+    TrainingJob(data=other, splits=split_dataset(other, val_fraction=0.34, seed=0), config=cfg, store=ws.store,
+                run_name=run_name(cfg), data_label="other photos").run()
     goto(at, "evaluate")
+    assert_clean(at)
+    assert not [d for d in at.dataframe if "val accuracy" in d.value.index], "only the open tab is computed"
+    at.session_state["ts_eval_tab"] = "Compare runs"
+    at.run()
     assert_clean(at)
     tables = [d.value for d in at.dataframe if "val accuracy" in d.value.index]
     assert len(tables) == 1, "the side-by-side table is shown"
     table = tables[0]
-    assert len(table.columns) == 2
+    assert len(table.columns) == 2, "by default, the runs of the evaluated run's data only"
+    assert set(table.loc["data"]) == {"data"}  # the folder's name: these jobs were given no label
     assert table.loc["val accuracy"].str.endswith("%").all()
+    ws_runs = {r.run_id: r for r in ws.store.list()[0]}
+    assert all(ws_runs[r].fingerprint == job.fingerprint for r in at.session_state["ts_compare_runs"])
+    assert len({r.name for r in ws_runs.values()}) == 3, "every run has its own name"
+    # Picking a run of other data says the figures are not comparable.
+    at.session_state["ts_compare_runs"] = list(ws_runs)
+    at.run()
+    assert any("different data" in w.value for w in at.warning)
 
 
 def test_health_findings_have_fixes(tiny_dataset):
@@ -628,3 +781,28 @@ def test_safe_names_and_markdown_escaping():
     assert class_folder_name("  a/b  c ") == "a_b c"
     assert class_folder_name("<b>x:y</b>") == "<b>x:y<_b>"
     assert md_escape("**x** <b>") == r"\*\*x\*\* \<b\>"
+
+
+def test_compare_bars_give_same_named_runs_a_group_each_and_class_labels_stay_level():
+    import pandas as pd
+
+    from ui.figures import class_counts, metric_bars
+
+    table = pd.DataFrame({"name": ["lite0 · frozen", "lite0 · frozen"], "val_accuracy": [0.8, 0.9],
+                          "macro_f1": [0.7, 0.85]})
+    fig = metric_bars(table, ["val_accuracy", "macro_f1"])
+    assert fig.layout.barmode == "group"
+    assert all(list(bar.x) == [0, 1] for bar in fig.data), "one position per run, never one per name"
+    assert list(fig.layout.xaxis.ticktext) == ["lite0 · frozen", "lite0 · frozen"]
+    chart = class_counts({"a very long class name indeed": 3, "b": 1})
+    assert chart.layout.xaxis.tickangle == 0 and all(bar.textangle == 0 for bar in chart.data)
+    assert "<br>" in chart.data[0].x[0], "a long name wraps instead of turning sideways"
+
+
+def test_plurals_say_one_image():
+    from ui.widgets import kept_epoch, plural
+
+    assert plural(1, "image") == "1 image" and plural(2, "image") == "2 images" and plural(1200, "image") == "1,200 images"
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"
+    assert kept_epoch({"best_epoch": 5, "epochs_run": 8}) == "epoch 5 of 8"
+    assert "warm-up" in kept_epoch({"best_epoch": 0, "epochs_run": 8})

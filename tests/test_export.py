@@ -612,3 +612,43 @@ def test_pickled_pth_never_runs(tmp_path):
         with pytest.raises(BackboneError):
             build_model("efficientnet_lite0", 3, weights=path, head=HeadConfig())
     assert not marker.exists()
+
+
+def test_onnx_fast_path_is_checked_and_falls_back_to_torch_export(tmp_path, images, monkeypatch):
+    """ONNX comes from the TorchScript trace when onnxruntime agrees with it; otherwise torch.export's."""
+    from tl_core.export import write as export_mod
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_small", 3, weights="random", strategy="frozen")
+    steps = []
+    fast = export_bundle(model, tmp_path / "fast.zip", class_names=CLASSES, progress=lambda s, f: steps.append((s, f)))
+    meta = json.loads(zipfile.ZipFile(fast).read("model.json"))
+    assert meta["onnx_exporter"].startswith("torch.onnx.export(dynamo=False)") and meta["onnx_opset"]
+    assert check_fidelity(fast, images, model=model, atol=ATOL)["onnx"]["max_abs_diff"] <= ATOL
+    shares = [f for _, f in steps]
+    assert shares == sorted(shares) and shares[0] == 0.0 and shares[-1] == 1.0, "progress only goes forward"
+    assert any("ONNX" in s for s, _ in steps)
+
+    # A trace whose ONNX disagrees with it is never kept: the other exporter writes the file.
+    real_run = None
+
+    class Disagrees:
+        def __init__(self, *a, **k):
+            self.inner = real_run(*a, **k)
+
+        def run(self, *a, **k):
+            return [out + 1.0 for out in self.inner.run(*a, **k)]
+
+    import onnxruntime as ort
+
+    real_run = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", Disagrees)
+    assert export_mod._save_onnx_from_trace(torch.jit.trace(model.eval(), torch.randn(2, 3, 224, 224)),
+                                            torch.randn(2, 3, 224, 224), tmp_path / "m.onnx") is None
+    assert not (tmp_path / "m.onnx").exists()
+    monkeypatch.setattr(export_mod, "_save_onnx_from_trace", lambda *a, **k: None)
+    slow = export_bundle(model, tmp_path / "slow.zip", class_names=CLASSES)
+    meta = json.loads(zipfile.ZipFile(slow).read("model.json"))
+    assert meta["onnx_exporter"] == "torch.onnx.export(dynamo=True)"
+    monkeypatch.setattr(ort, "InferenceSession", real_run)
+    assert check_fidelity(slow, images, model=model, atol=ATOL)["onnx"]["max_abs_diff"] <= ATOL

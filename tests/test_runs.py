@@ -110,6 +110,9 @@ def test_rename_and_delete(store, trained):
     keep, gone = store.save(result, data).name, store.save(result, data).name
     store.rename(keep, "  best   so far ")
     assert store.get(keep).name == "best so far"
+    with pytest.raises(RunError, match="already called"):
+        store.rename(gone, "best so far")
+    store.rename(keep, "best so far")  # its own name again is fine
     with pytest.raises(RunError, match="empty"):
         store.rename(keep, "   ")
     store.delete(gone)
@@ -127,12 +130,30 @@ def test_compare(store, trained):
     ida = store.save(a, data, name="two epochs").name
     idb = store.save(b, data, name="three epochs").name
     idc = store.save(b, data, name="three epochs").name
+    assert store.get(idc).name == "three epochs #2", "a repeated name gets a number"
     table = store.compare([ida, idb, idc])
-    assert list(table.columns) == ["two epochs", "three epochs", idc]  # a repeated name falls back to the id
+    assert list(table.columns) == ["two epochs", "three epochs", "three epochs #2"]
     assert table.loc["epochs", "two epochs"] == 2 and table.loc["epochs", "three epochs"] == 3
     assert table.loc["backbone", "two epochs"] == "efficientnet_lite0"
     assert table.loc["val accuracy", "three epochs"] == b.evaluation.metrics()["accuracy"]
     assert {"strategy", "lr", "macro F1", "seconds", "trainable params", "device"} <= set(table.index)
+
+
+def test_runs_are_grouped_by_dataset_with_their_label(store, trained, tmp_path):
+    data, (result, _) = trained
+    other = load_dataset(make_class_folder(tmp_path / "other", {"ants": 5, "bees": 7}))
+    first = store.save(result, data, data_label="insects.zip").name
+    second = store.save(result, other).name
+    info = store.get(first)
+    assert info.dataset == "insects.zip" and info.fingerprint == data.fingerprint()
+    assert store.get(second).dataset == "other" and store.get(second).fingerprint == other.fingerprint()
+    groups = store.groups(first=data.fingerprint())
+    assert groups[0][0] == data.fingerprint() and groups[0][1] == "insects.zip"
+    assert first in [r.run_id for r in groups[0][2]] and second not in [r.run_id for r in groups[0][2]]
+    assert second in [r.run_id for r in next(g for fp, _, g in groups if fp == other.fingerprint())]
+    assert store.groups(first=other.fingerprint())[0][0] == other.fingerprint()
+    row = info.row()
+    assert row["dataset"] == "insects.zip" and row["fingerprint"] == data.fingerprint()
 
 
 def test_interrupted_writes_leave_the_store_readable(store, trained):

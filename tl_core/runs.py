@@ -2,14 +2,19 @@
 
 A run is a folder ``<root>/<run_id>/`` holding:
 
-* ``run.json``: id, name, time, config, data fingerprint and summary, status, metrics, history,
-  class names, library versions;
+* ``run.json``: id, name, time, config, data fingerprint, label and summary, status, metrics,
+  history, class names, library versions;
 * ``evaluation.json``: the validation (and test) predictions: true labels, probabilities, paths;
 * ``weights.safetensors``: the trained model's state dict.
 
 Numbers that are not finite (NaN, infinity: the throughput of a fine-tuning run's head warm-up, the
 metrics of an empty split) are stored as ``null`` (:func:`tl_core.storage.to_jsonable`), so both files
 are strict JSON; readers treat ``null`` as missing.
+
+Names are readable and unique within a store (a second "efficientnet_lite0 · frozen" becomes
+"efficientnet_lite0 · frozen #2"), and every run says which dataset it was trained on (its label and
+fingerprint), so runs of several datasets are grouped (:meth:`RunStore.groups`) and compared within
+one dataset.
 
 Writes go to a hidden temporary folder that is renamed into place when complete, so an interrupted
 write never leaves a half run; a damaged run is reported by :meth:`RunStore.list` and skipped.
@@ -61,8 +66,8 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def data_summary(data, splits) -> dict:
-    """What a model card and a run need to know about the data."""
+def data_summary(data, splits, label: str | None = None) -> dict:
+    """What a model card and a run need to know about the data (``label``: its name for people)."""
     def counts(samples):
         out = {c: 0 for c in data.classes}
         for s in samples:
@@ -71,6 +76,7 @@ def data_summary(data, splits) -> dict:
 
     return {
         "source": data.report.source,
+        "label": label or Path(str(data.report.source)).name or str(data.report.source),
         "fingerprint": data.fingerprint(),
         "num_images": data.report.num_images,
         "classes": list(data.classes),
@@ -110,12 +116,26 @@ class RunInfo:
     def class_names(self) -> list[str]:
         return self.meta["class_names"]
 
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the data it was trained on (``""`` for a run that did not record it)."""
+        return self.meta.get("data", {}).get("fingerprint") or ""
+
+    @property
+    def dataset(self) -> str:
+        """The name of the data it was trained on, for people."""
+        d = self.meta.get("data", {})
+        source = str(d.get("source") or "")
+        return d.get("label") or Path(source).name or source or "unknown data"
+
     def row(self) -> dict:
         c, m = self.config, self.metrics
         return {
             "run": self.run_id,
             "name": self.name,
             "created": self.created,
+            "dataset": self.dataset,
+            "fingerprint": self.fingerprint,
             "data": self.meta.get("data", {}).get("source", ""),
             "backbone": c.get("backbone"),
             "strategy": c.get("strategy"),
@@ -159,8 +179,25 @@ class RunStore:
     # ---------------------------------------------------------------------------------------------
     # Writing
 
-    def save(self, result, data, *, name: str | None = None) -> Path:
-        """Persists a :class:`~tl_core.training.FitResult` atomically; returns the run folder."""
+    def unique_name(self, name: str, *, exclude: str | None = None) -> str:
+        """``name``, or ``name #2``, ``#3``... when another run (other than ``exclude``) has it."""
+        taken = {r.name for r in self.list()[0] if r.run_id != exclude}
+        if name not in taken:
+            return name
+        n = 2
+        while f"{name} #{n}" in taken:
+            n += 1
+        return f"{name} #{n}"
+
+    def save(self, result, data, *, name: str | None = None, data_label: str | None = None) -> Path:
+        """Persists a :class:`~tl_core.training.FitResult` atomically; returns the run folder.
+
+        Args:
+            result: The fit.
+            data: The dataset it was trained on.
+            name: Display name (made unique in the store); default ``backbone · strategy``.
+            data_label: The dataset's name for people (default: its folder's name).
+        """
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -170,7 +207,7 @@ class RunStore:
             "format": RUN_FORMAT,
             "format_version": RUN_FORMAT_VERSION,
             "run_id": run_id,
-            "name": name or f"{cfg['backbone']} · {cfg['strategy']}",
+            "name": self.unique_name(name or f"{cfg['backbone']} · {cfg['strategy']}"),
             # Microseconds: runs saved within one second must still list newest first.
             "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             "config": cfg,
@@ -179,7 +216,7 @@ class RunStore:
             "head": {"hidden": result.model.head_config.hidden, "dropout": result.model.head_config.dropout},
             "strategy": {"name": result.model.strategy, "trainable_stages": result.model.trainable_stages},
             "preprocessing": result.model.spec.preprocessing(),
-            "data": data_summary(data, result.splits),
+            "data": data_summary(data, result.splits, data_label),
             "summary": result.summary(),
             "metrics": result.evaluation.metrics(),
             "test_metrics": result.test_evaluation.metrics() if result.test_evaluation else None,
@@ -206,10 +243,16 @@ class RunStore:
         return final
 
     def rename(self, run_id: str, name: str) -> None:
-        """Gives a run a display name."""
+        """Gives a run a display name (unique in the store).
+
+        Raises:
+            RunError: for an empty name or one another run already has.
+        """
         name = " ".join(str(name).split())[:120]
         if not name:
             raise RunError("a run name cannot be empty")
+        if self.unique_name(name, exclude=run_id) != name:
+            raise RunError(f"another run is already called {name!r}: choose another name")
         path = self.path_of(run_id)
         meta = self._read_meta(path)
         meta["name"] = name
@@ -267,6 +310,20 @@ class RunStore:
         runs, _ = self.list()
         return pd.DataFrame([r.row() for r in runs])
 
+    def groups(self, first: str | None = None) -> list[tuple[str, str, list[RunInfo]]]:
+        """Runs grouped by the data they were trained on: ``(fingerprint, label, runs newest first)``.
+
+        The group of fingerprint ``first`` (the current data) comes first, then the others by their
+        newest run.
+        """
+        runs, _ = self.list()
+        by_fp: dict[str, list[RunInfo]] = {}
+        for r in runs:
+            by_fp.setdefault(r.fingerprint, []).append(r)
+        order = sorted(by_fp, key=lambda fp: by_fp[fp][0].created, reverse=True)  # newest run first
+        order.sort(key=lambda fp: fp != first)  # stable: the current data's group moves to the front
+        return [(fp, by_fp[fp][0].dataset, by_fp[fp]) for fp in order]
+
     def compare(self, run_ids: list[str]) -> pd.DataFrame:
         """Runs side by side: one column per run, one row per setting or metric."""
         cols = {}
@@ -287,7 +344,7 @@ class RunStore:
                 "trainable params": m.get("trainable_params"),
                 "seconds": m.get("wall_seconds"),
                 "device": m.get("device"),
-                "data": info.meta.get("data", {}).get("source"),
+                "data": info.dataset,
             }
         return pd.DataFrame(cols)
 

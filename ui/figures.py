@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import textwrap
 from collections.abc import Sequence
 
 from pathlib import Path
@@ -63,7 +64,8 @@ def human_count(n: float) -> str:
 def class_counts(counts: dict[str, int], split_counts: dict[str, dict[str, int]] | None = None) -> go.Figure:
     """Images per class, stacked by split when the data has split folders."""
     classes = list(counts)
-    labels = [safe_label(c) for c in classes]
+    # Long names wrap onto lines instead of Plotly turning every label sideways.
+    labels = ["<br>".join(textwrap.wrap(safe_label(c), 14, break_long_words=False)) or safe_label(c) for c in classes]
     fig = go.Figure()
     if split_counts:
         for split, per_class in split_counts.items():
@@ -76,9 +78,9 @@ def class_counts(counts: dict[str, int], split_counts: dict[str, dict[str, int]]
         fig.update_layout(barmode="stack", legend_traceorder="normal")
     else:
         fig.add_bar(x=labels, y=[counts[c] for c in classes], marker_color=BLUE, name="images",
-                    text=[counts[c] for c in classes], textposition="auto")
+                    text=[counts[c] for c in classes], textposition="auto", textangle=0)  # never rotated
     fig.update_yaxes(title="images")
-    fig.update_xaxes(type="category")
+    fig.update_xaxes(type="category", tickangle=0, automargin=True)
     return _base(fig, height=300)
 
 
@@ -86,8 +88,8 @@ def class_counts(counts: dict[str, int], split_counts: dict[str, dict[str, int]]
 # Training
 
 
-def training_curves(history: Sequence[dict], epochs: int | None = None) -> go.Figure:
-    """Training and validation loss, and validation accuracy, per epoch."""
+def training_curves(history: Sequence[dict], epochs: int | None = None, kept: int | None = None) -> go.Figure:
+    """Training and validation loss, and validation accuracy, per epoch; ``kept``: the epoch the run keeps."""
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1)
     df = pd.DataFrame(list(history))
     if len(df):
@@ -97,6 +99,12 @@ def training_curves(history: Sequence[dict], epochs: int | None = None) -> go.Fi
                         line=dict(color=ORANGE), row=1, col=1)
         fig.add_scatter(x=df["epoch"], y=df["val_accuracy"], name="validation accuracy", mode="lines+markers",
                         line=dict(color=GREEN), row=1, col=2, showlegend=True)
+        row = df[df["epoch"] == kept]
+        if kept is not None and len(row):
+            # The one figure shown everywhere else: the kept epoch's, marked where it sits on the curve.
+            fig.add_scatter(x=row["epoch"], y=row["val_accuracy"], name="kept model", mode="markers+text",
+                            marker=dict(color=DARK, size=13, symbol="star"), text=["kept"], textposition="bottom center",
+                            row=1, col=2, showlegend=True)
     xmax = max(epochs or 1, int(df["epoch"].max()) if len(df) else 1)
     xmin = min(1, int(df["epoch"].min())) if len(df) else 1  # fine-tuning records a head warm-up as epoch 0
     fig.update_xaxes(title="epoch", range=[xmin - 0.5, xmax + 0.5])
@@ -205,15 +213,22 @@ def top_k(pairs: Sequence[tuple[str, float]], *, height: int | None = None) -> g
 
 
 def metric_bars(table: pd.DataFrame, metrics: Sequence[str]) -> go.Figure:
-    """Grouped bars of a few metrics per run (``table`` has a ``name`` column)."""
+    """Grouped bars of a few metrics per run (``table`` has a ``name`` column), side by side, never stacked.
+
+    Runs are placed by position, not by name, so two runs whose (shortened) names are alike still get
+    a group each.
+    """
     fig = go.Figure()
     palette = [BLUE, ORANGE, GREEN, "#7c3aed"]
+    positions = list(range(len(table)))
     for k, metric in enumerate(metrics):
-        fig.add_bar(x=[safe_label(n, 30) for n in table["name"]], y=table[metric], name=metric.replace("_", " "),
+        fig.add_bar(x=positions, y=table[metric], name=metric.replace("_", " "),
                     marker_color=palette[k % len(palette)], text=[f"{v:.0%}" if pd.notna(v) else "" for v in table[metric]],
-                    textposition="auto")
+                    textposition="auto", textangle=0, hovertext=[safe_label(n, 80) for n in table["name"]],
+                    hovertemplate="%{hovertext}: %{y:.1%}<extra></extra>")
     fig.update_yaxes(range=[0, 1.05], tickformat=".0%")
-    fig.update_xaxes(type="category")
+    fig.update_xaxes(tickmode="array", tickvals=positions, ticktext=[safe_label(n, 30) for n in table["name"]],
+                     range=[-0.5, len(table) - 0.5])
     fig.update_layout(barmode="group")
     return _base(fig, height=300)
 

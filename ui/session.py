@@ -1,15 +1,21 @@
-"""Per-browser sessions: an id that survives a refresh, a private folder, and a workspace in memory.
+"""Per-browser sessions: a secret that survives a refresh, a private folder, and a workspace in memory.
 
 Why not ``st.session_state`` alone: Streamlit starts a new session (with empty session state) when a
-browser tab is refreshed, but a training run must carry on and be found again. So each browser tab
-gets a random session id, kept in the URL (``?sid=...``); a refresh reloads the same URL, and the new
-Streamlit session finds its :class:`Workspace` in the process-level :data:`REGISTRY` again, with the
-dataset, the training job and the trained models.
+browser tab is refreshed, but a training run must carry on and be found again, and the person's
+settings with it. So each browser gets a random session id, kept by the browser as a cookie
+(:data:`COOKIE`: ``SameSite=Strict``, never in the URL). A refresh reconnects with that cookie
+(``st.context.cookies``), and the new Streamlit session finds its :class:`Workspace` in the
+process-level :data:`REGISTRY` again, with the dataset, the training job, the trained models and the
+settings (:attr:`Workspace.settings`).
+
+Privacy: the id is a secret of the browser that made it. It never appears in a URL, so it does not
+land in the history, in server logs or in a link someone shares; another browser (or a private
+window) has its own cookie jar and gets its own workspace. An old link with ``?sid=...`` is ignored
+and the parameter removed. Tabs of one browser share the cookie, so they share one workspace.
 
 Isolation: every workspace has its own folder, ``$TRANSFER_STUDIO_HOME/sessions/<sid>/`` (uploads,
 extracted data, runs, exports, temporary files); nothing of one session is reachable from another,
-and the id is 24 random URL-safe characters, so it cannot be guessed. (Whoever has the URL has the
-session: that is the price of surviving a refresh without accounts.)
+and the id is 24 random URL-safe characters, so it cannot be guessed.
 
 Clean-up (:meth:`WorkspaceRegistry.sweep`, run at most once a minute): a workspace whose browser
 sessions have all gone for ``$TRANSFER_STUDIO_SESSION_GRACE`` seconds (default 30 minutes) has its
@@ -37,7 +43,8 @@ from ui.memory import ByteLRU, release_memory, size_of
 
 logger = logging.getLogger(__name__)
 
-SID_PARAM = "sid"
+SID_PARAM = "sid"  # the old URL parameter: ignored and removed
+COOKIE = "ts_session"
 _SID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _SWEEP_EVERY = 60.0
 _MODELS_KEPT = 2
@@ -109,6 +116,8 @@ class Workspace:
         self.clients: set[str] = set()
         self.gone_since: float | None = None
         self.sample_offered = False  # `streamlit run app.py -- --sample` loads the sample once
+        self.settings: dict[str, Any] = {}  # the person's choices (ui.state), restored after a refresh
+        self._fingerprint: tuple[int, str] | None = None
         for folder in (self.uploads, self.data_dir, self.runs_dir, self.exports_dir, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -159,8 +168,46 @@ class Workspace:
             self.dataset, self.origin = None, None
             (self.root / "workspace.json").unlink(missing_ok=True)
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The current dataset's fingerprint (memoised per dataset), or ``None`` without one.
+
+        Results, status and recommendations belong to the data they were made on: pages compare a
+        run's or a job's fingerprint with this one before they show it.
+        """
+        data = self.dataset
+        if data is None:
+            return None
+        cached = self._fingerprint
+        if cached is not None and cached[0] == id(data):
+            return cached[1]
+        value = data.fingerprint()
+        self._fingerprint = (id(data), value)
+        return value
+
+    @property
+    def data_label(self) -> str | None:
+        """The current dataset's name for people (where it came from)."""
+        if self.dataset is None:
+            return None
+        return self.origin["label"] if self.origin else self.dataset.report.source
+
+    def save_settings(self, values: dict[str, Any]) -> None:
+        """Keeps the person's settings for the next browser session (written to disk when they change)."""
+        if values == self.settings:
+            return
+        self.settings = dict(values)
+        try:
+            write_json(self.root / "settings.json", self.settings, indent=None)
+        except (OSError, TypeError, ValueError):  # memory alone still survives a refresh
+            logger.warning("cannot write the settings of session %s", self.sid[:6], exc_info=True)
+
     def restore(self, loader: Callable[[str], Any]) -> None:
-        """Reloads the dataset named in ``workspace.json`` (after a server restart); errors are logged."""
+        """Reloads the settings and the dataset named in ``workspace.json`` (after a server restart)."""
+        try:
+            self.settings = json.loads((self.root / "settings.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.settings = {}
         try:
             meta = json.loads((self.root / "workspace.json").read_text(encoding="utf-8"))
             origin = meta["origin"]
@@ -392,22 +439,63 @@ def _is_active(client: str) -> bool:
     return bool(st.runtime.get_instance().is_active_session(client))
 
 
+def browser_secret() -> str | None:
+    """The session id the browser sent as a cookie when it connected (``None`` when it has none)."""
+    import streamlit as st
+
+    try:
+        value = st.context.cookies.get(COOKIE)
+    except Exception:  # noqa: BLE001 - no browser connection (bare script, AppTest)
+        return None
+    return value if valid_session_id(value) else None
+
+
+def cookie_script(sid: str) -> str:
+    """JavaScript that stores ``sid`` as this browser's session cookie.
+
+    ``SameSite=Strict`` keeps other sites' pages from sending it; ``Secure`` is added on https. It is
+    set from the page because Streamlit has no API to set a cookie; only this browser ever holds it.
+    """
+    max_age = int(_env_seconds("TRANSFER_STUDIO_SESSION_TTL", 86400))
+    return (
+        "<script>(function(){var s=location.protocol==='https:'?'; Secure':'';"
+        f"document.cookie='{COOKIE}={sid}; Path=/; Max-Age={max_age}; SameSite=Strict'+s;}})();</script>"
+    )
+
+
 def current() -> Workspace:
-    """This browser session's workspace; puts the session id into the URL so a refresh finds it again."""
+    """This browser's workspace, found through its cookie (see the module docstring).
+
+    A session id never goes into the URL; one left there by an old link is removed and ignored. On
+    the first run of a browser session the saved settings are put back into session state; on every
+    run the current ones are kept in the workspace.
+    """
     import streamlit as st
 
     from ui import state
     from ui.cache import restore_dataset
 
+    if SID_PARAM in st.query_params:
+        del st.query_params[SID_PARAM]
     sid = state.SESSION_ID.get()
     if not valid_session_id(sid):
-        from_url = st.query_params.get(SID_PARAM)
-        sid = from_url if valid_session_id(from_url) else new_session_id()
+        sid = browser_secret() or new_session_id()
         state.SESSION_ID.set(sid)
-    # Page switches clear the query string, so it is put back on every run.
-    if st.query_params.get(SID_PARAM) != sid:
-        st.query_params[SID_PARAM] = sid
     ws = REGISTRY.get_or_create(sid, restore=restore_dataset)
+    if not state.RESTORED.get():
+        # A new browser session (a refresh, a second tab): the settings chosen before come back.
+        state.restore(ws.settings)
+        state.RESTORED.set(True)
+    # Widgets' new values are in place when a run starts: kept now, and again when it ends (app.py).
+    ws.save_settings(state.snapshot())
     ws.touch(_streamlit_session_id())
     REGISTRY.maybe_sweep(_is_active)
     return ws
+
+
+def remember_in_browser(sid: str) -> None:
+    """Sets the session cookie unless the browser already sent it (an invisible element, once per run)."""
+    import streamlit as st
+
+    if browser_secret() != sid:
+        st.html(cookie_script(sid), unsafe_allow_javascript=True, width=1)

@@ -6,7 +6,7 @@ import streamlit as st
 
 from ui import state
 from ui.cache import device_label
-from ui.widgets import md_escape, percent, seconds
+from ui.widgets import md_escape, percent, plural, seconds
 
 
 def render(ws) -> None:
@@ -15,9 +15,8 @@ def render(ws) -> None:
         st.markdown("#### Your project")
         if ws.dataset is not None:
             report = ws.dataset.report
-            label = ws.origin["label"] if ws.origin else report.source
-            st.markdown(f":material/photo_library: **{md_escape(label)}**")
-            st.caption(f"{report.num_images:,} images · {len(report.classes)} classes")
+            st.markdown(f":material/photo_library: **{md_escape(ws.data_label)}**")
+            st.caption(f"{plural(report.num_images, 'image')} · {plural(len(report.classes), 'class', 'classes')}")
         else:
             st.markdown(":material/photo_library: No images yet")
         st.markdown(f":material/account_tree: {md_escape(state.BACKBONE.get())} · {state.STRATEGY.get()}")
@@ -27,32 +26,40 @@ def render(ws) -> None:
             _live_status(ws)
         else:
             _static_status(ws)
-        st.caption("Your images and models are private to this browser tab.")
+        st.caption("Your images and models are private to this browser: no link gives access to them.")
 
 
 def _static_status(ws) -> None:
+    """The status of the current data only: results of other data never show as this data's."""
+    current = ws.fingerprint
     job = ws.job
-    if job is None:
-        runs, _ = ws.store.list()
-        if runs:
-            m = runs[0].metrics
-            st.markdown(f":material/check_circle: {len(runs)} trained model{'s' if len(runs) != 1 else ''}")
-            st.caption(f"Latest: {percent(m.get('val_accuracy'))} validation accuracy")
-        else:
-            st.markdown(":material/hourglass_empty: Not trained yet")
-        return
-    snap = job.snapshot()
-    if snap.status == "done":
-        st.markdown(":material/check_circle: Training finished")
-        try:
-            kept = ws.store.get(snap.run_id).metrics.get("val_accuracy")
-            st.caption(f"{percent(kept)} validation accuracy")
-        except Exception:  # noqa: BLE001 - the run was deleted meanwhile
-            pass
-    elif snap.status == "failed":
-        st.markdown(":material/error: Training failed")
-    elif snap.status == "cancelled":
-        st.markdown(":material/cancel: Training cancelled")
+    if job is not None and current is not None and job.fingerprint == current:
+        snap = job.snapshot()
+        if snap.status == "done":
+            st.markdown(":material/check_circle: Training finished")
+            try:
+                kept = ws.store.get(snap.run_id).metrics.get("val_accuracy")
+                st.caption(f"Kept model: {percent(kept)} validation accuracy")
+            except Exception:  # noqa: BLE001 - the run was deleted meanwhile
+                pass
+            return
+        if snap.status == "failed":
+            st.markdown(":material/error: Training failed")
+            return
+        if snap.status == "cancelled":
+            st.markdown(":material/cancel: Training cancelled")
+            return
+    runs, _ = ws.store.list()
+    mine = [r for r in runs if current is not None and r.fingerprint == current]
+    if mine:
+        st.markdown(f":material/check_circle: {plural(len(mine), 'model')} trained on this data")
+        st.caption(f"Latest: {percent(mine[0].metrics.get('val_accuracy'))} validation accuracy (kept model)")
+    else:
+        st.markdown(":material/hourglass_empty: Not trained on this data yet" if ws.dataset is not None
+                    else ":material/hourglass_empty: Not trained yet")
+    others = len(runs) - len(mine)
+    if others:
+        st.caption(f"{plural(others, 'model')} of other data: see Evaluate.")
 
 
 @st.fragment(run_every=2)
@@ -68,6 +75,11 @@ def _live_status(ws) -> None:
     elif snap.phase == "features":
         st.markdown(":material/model_training: Reading the images…")
         st.progress(snap.features_fraction, text=f"about {seconds(snap.features_eta)} left")
-    else:
-        st.markdown(f":material/model_training: Training · epoch {snap.epoch}/{snap.epochs}")
+    elif snap.epoch == 0:
+        st.markdown(":material/model_training: Training · starting")
         st.progress(snap.epoch_fraction)
+    else:
+        st.markdown(f":material/model_training: Training · epoch {snap.epoch} of {snap.epochs}")
+        st.progress(snap.epoch_fraction)
+    if job.fingerprint != ws.fingerprint:
+        st.caption(f"On {md_escape(job.data_label)}, the data loaded before this one.")

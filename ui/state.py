@@ -6,8 +6,11 @@ default in place at the top of each run, so a key is always present and its defa
 place.
 
 What must outlive a browser refresh (the dataset, the training job, trained models) is not here: it
-belongs to the session's :class:`ui.session.Workspace`, which is keyed by the session id in the URL.
-Session state holds only the person's current choices on the pages.
+belongs to the session's :class:`ui.session.Workspace`, which is found again through the browser's
+session cookie. Session state holds the person's current choices on the pages; a refresh starts an
+empty session state, so ``app.py`` copies every key declared with ``persist=True`` (the default) into
+the workspace after each run (:func:`snapshot`) and back on the first run of a new browser session
+(:func:`restore`): every setting survives a refresh, even during training.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ class Key:
         widget_owned: The widget that shows it creates it with ``default`` (for widgets, such as
             ``st.pagination``, that warn when session state was written before them); :func:`init`
             then leaves it unset and :meth:`reset` deletes it.
+        persist: Whether it survives a browser refresh (kept in the workspace; see :func:`snapshot`).
     """
 
     name: str
     default: Any
     doc: str
     widget_owned: bool = False
+    persist: bool = True
 
     def get(self) -> Any:
         """The current value (the default when unset)."""
@@ -66,10 +71,10 @@ class Key:
         return {"key": self.name, "persist_state": "session"}
 
 
-def _declare(name: str, default: Any, doc: str, *, widget_owned: bool = False) -> Key:
+def _declare(name: str, default: Any, doc: str, *, widget_owned: bool = False, persist: bool = True) -> Key:
     if name in _REGISTRY:
         raise ValueError(f"session key {name!r} is declared twice")
-    key = Key(name, default, doc, widget_owned)
+    key = Key(name, default, doc, widget_owned, persist)
     _REGISTRY[name] = key
     return key
 
@@ -86,17 +91,38 @@ def init() -> None:
             st.session_state[key.name] = copy.deepcopy(key.default)
 
 
+def snapshot() -> dict[str, Any]:
+    """The values of every persisted key that is set (for the workspace, after each run)."""
+    out = {}
+    for key in _REGISTRY.values():
+        if key.persist and not key.widget_owned and key.name in st.session_state:
+            out[key.name] = copy.deepcopy(st.session_state[key.name])
+    return out
+
+
+def restore(values: dict[str, Any]) -> None:
+    """Puts saved values back (on the first run of a refreshed browser session); unknown names are ignored."""
+    for name, value in (values or {}).items():
+        key = _REGISTRY.get(name)
+        if key is not None and key.persist and not key.widget_owned:
+            st.session_state[name] = copy.deepcopy(value)
+
+
 # --------------------------------------------------------------------------------------------------
 # Session identity
 
-SESSION_ID = _declare("ts_session_id", None, "This browser session's id (also in the URL as ?sid=...).")
+SESSION_ID = _declare("ts_session_id", None, "This browser's session id (kept by the browser as a cookie).",
+                      persist=False)
+RESTORED = _declare("ts_restored", False, "Whether this browser session got the saved settings back.", persist=False)
 
-FLASH = _declare("ts_flash", None, "A (level, message) to show once on the next run (set by button callbacks).")
+FLASH = _declare("ts_flash", None, "A (level, message) to show once on the next run (set by button callbacks).",
+                 persist=False)
 
 # --------------------------------------------------------------------------------------------------
 # Data page
 
-UPLOAD_NONCE = _declare("ts_upload_nonce", 0, "Bumped to clear the file uploaders after an upload was used.")
+UPLOAD_NONCE = _declare("ts_upload_nonce", 0, "Bumped to clear the file uploaders after an upload was used.",
+                       persist=False)
 DATA_SOURCE_TAB = _declare("ts_data_source", "Sample data", "Which data source the Data page shows.")
 BATCH_CLASS_NAME = _declare("ts_batch_class", "", "Class name typed for the next batch of uploaded images.")
 VAL_FRACTION = _declare("ts_val_fraction", 0.2, "Share of images held out for validation.")
@@ -128,6 +154,8 @@ TIME_BUDGET = _declare("ts_time_budget", 0, "Wall-clock budget of a run in secon
 
 EVAL_RUN = _declare("ts_eval_run", None, "Run shown on the Evaluate page (None: the newest).")
 CONFUSION_NORMALISED = _declare("ts_cm_normalised", False, "Show the confusion matrix as row shares.")
+EVAL_TAB = _declare("ts_eval_tab", "Overview", "The Evaluate page's open tab (only that tab is computed).")
+CELL_OF = _declare("ts_cm_of", None, "The (run, split) the picked cell belongs to; another one opens on its most-confused pair.")
 CELL_TRUE = _declare("ts_cm_true", None, "True class of the confusion-matrix cell whose images are listed.")
 CELL_PREDICTED = _declare("ts_cm_predicted", None, "Predicted class of that cell.")
 EVAL_SPLIT = _declare("ts_eval_split", "val", "Which split the Evaluate page shows: val or test.")

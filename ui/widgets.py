@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +57,8 @@ def md_escape(text: object) -> str:
 
 
 def go(page: str) -> None:
-    """Switches to ``page`` (a key of :data:`PAGES`), keeping the session id in the URL."""
-    from ui import state
-
-    sid = state.SESSION_ID.get()
-    st.switch_page(PAGES[page].path, query_params={"sid": sid} if sid else None)
+    """Switches to ``page`` (a key of :data:`PAGES`); the session travels in its cookie, never in the URL."""
+    st.switch_page(PAGES[page].path)
 
 
 def next_button(label: str, page: str, *, key: str, primary: bool = True, help: str | None = None) -> None:
@@ -112,6 +110,44 @@ def seconds(s: float | None) -> str:
         return f"{m} min {s:02d} s"
     h, m = divmod(m, 60)
     return f"{h} h {m:02d} min"
+
+
+def slug(text: str, *, default: str = "file", limit: int = 80) -> str:
+    """A safe, portable file name stem: ``efficientnet_lite0 · frozen #2`` -> ``efficientnet_lite0-frozen-2``.
+
+    ASCII letters, digits, ``_``, ``-`` and ``.`` only (accents dropped, everything else one ``-``), so
+    the name survives every file system, shell and e-mail client.
+    """
+    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii")
+    out = re.sub(r"[^A-Za-z0-9_.]+", "-", ascii_text).strip("-.")[:limit].strip("-.")
+    return out or default
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 image``, ``2 images``, ``1,024 images`` (``many``: an irregular plural)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def kept_epoch(metrics: dict) -> str:
+    """Which epoch a run kept, in words: ``epoch 5 of 8``, or the head warm-up before fine-tuning."""
+    best, run = metrics.get("best_epoch"), metrics.get("epochs_run")
+    if best is None:
+        return "the best epoch"
+    if best == 0:
+        return "the head warm-up (fine-tuning did not improve on it)"
+    return f"epoch {best} of {run}" if run else f"epoch {best}"
+
+
+def kept_row(history) -> dict | None:
+    """The epoch a run keeps so far: the lowest validation loss, first of equals (as the engine picks it)."""
+    best = None
+    for row in history:
+        loss = row.get("val_loss")
+        if loss is None or not math.isfinite(loss):
+            continue
+        if best is None or loss < best["val_loss"] - 1e-6:
+            best = row
+    return best
 
 
 def percent(x: float | None) -> str:

@@ -189,6 +189,11 @@ class TrainingJob:
             model in memory for the Evaluate and Predict pages).
         run_name: Display name of the run.
         image_cache: Decoded-image cache shared by the sessions (``None``: ``fit`` makes its own).
+        data_label: The dataset's name for people (kept with the run, to group runs by dataset).
+
+    Attributes:
+        fingerprint: The dataset's fingerprint: the job's status and results belong to that data
+            only, and pages show them only while it is the current dataset.
     """
 
     def __init__(
@@ -202,11 +207,14 @@ class TrainingJob:
         on_saved: Callable[[str, Any], None] | None = None,
         run_name: str | None = None,
         image_cache=None,
+        data_label: str | None = None,
     ):
         from tl_core.training import TrainState
 
         self.id = secrets.token_hex(4)
         self.data, self.splits, self.config, self.store = data, splits, config, store
+        self.fingerprint = data.fingerprint()
+        self.data_label = data_label or data.report.source
         self.load_backbone, self.on_saved, self.run_name = load_backbone, on_saved, run_name
         self.image_cache = image_cache
         self.state = TrainState(config=config.resolved())
@@ -329,7 +337,7 @@ class TrainingJob:
                 image_cache=self.image_cache,
             )
             self._set(status="saving", message="Saving the run…")
-            path = self.store.save(result, self.data, name=self.run_name)
+            path = self.store.save(result, self.data, name=self.run_name, data_label=self.data_label)
             self.result = result
             if self.on_saved is not None:
                 self.on_saved(path.name, result)
@@ -408,16 +416,24 @@ def _sentence(text: str) -> str:
 class ExportJob:
     """Writes a model bundle (weights, TorchScript, ONNX, model card) in a background thread.
 
+    The page starts it from the button's callback, so the first screen after the click already shows
+    it; everything slow (loading the model, waiting for the export slot, converting) happens here,
+    reported as :attr:`step` and :attr:`share` with an estimate of the time left (:attr:`eta`).
+
     Args:
-        model: The trained model (not modified; the exporter copies it).
+        model: The trained model (not modified; the exporter copies it), or a function returning it
+            (called in the job's thread).
         out: The zip to write.
-        kwargs: Passed to :func:`tl_core.export.export_bundle` (class names, metrics, ...).
+        kwargs: Passed to :func:`tl_core.export.export_bundle` (class names, metrics, ...); a value
+            that is a function is called in the job's thread (e.g. the confusion matrix).
     """
 
     def __init__(self, model, out: Path, **kwargs):
         self.model, self.out, self.kwargs = model, Path(out), kwargs
         self.status = "running"
         self.message = ""
+        self.step = "Starting"
+        self.share = 0.0
         self.started = time.time()
         self.seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="transfer-studio-export", daemon=True)
@@ -438,18 +454,34 @@ class ExportJob:
     def elapsed(self) -> float:
         return (time.time() - self.started) if self.status == "running" else self.seconds
 
+    @property
+    def eta(self) -> float:
+        """Seconds left, from the share done so far (NaN until the conversion has begun)."""
+        share = self.share
+        if self.status != "running" or share < 0.08:
+            return float("nan")
+        return self.elapsed * (1 - share) / share
+
+    def _progress(self, step: str, share: float) -> None:
+        self.step, self.share = step, share
+
     def _run(self) -> None:
         try:
             from tl_core.export import export_bundle
 
+            self._progress("Loading the model", 0.0)
+            model = self.model() if callable(self.model) and not hasattr(self.model, "state_dict") else self.model
+            kwargs = {k: (v() if callable(v) else v) for k, v in self.kwargs.items()}
             # One export at a time per process: tracing and the ONNX export hold a few hundred MB
-            # each, and three at once would triple that peak (the page just shows it preparing).
+            # each, and three at once would triple that peak (the page says it is waiting).
+            self._progress("Waiting for another export to finish", 0.0)
             with _EXPORT_SLOT:
-                export_bundle(self.model, self.out, **self.kwargs)
+                export_bundle(model, self.out, progress=self._progress, **kwargs)
             self.seconds = time.time() - self.started
             self.status = "done"
         except Exception as exc:  # noqa: BLE001 - reported on the page, never raised in a thread
             logger.exception("export to %s failed", self.out)
+            self.seconds = time.time() - self.started
             self.status = "failed"
             self.message = _sentence(f"The export failed: {exc}")
         finally:
