@@ -191,7 +191,8 @@ def _train(args, world: int) -> int:
     main_rank = distributed.is_main()
     data = load_dataset(args.data, work_dir=args.work_dir)
     config = _train_config(args)
-    result = fit(data, config, callbacks=[TqdmProgress(not args.quiet and main_rank)])
+    # The other ranks stay silent: their progress and messages would repeat rank 0's.
+    result = fit(data, config, callbacks=[TqdmProgress(not args.quiet)] if main_rank else [])
     if not main_rank:
         return 0
     summary = result.summary()
