@@ -53,7 +53,7 @@ def child(args) -> dict:
 
     from synthetic import make_image_folder
     from tl_core.backbones import get_backbone
-    from tl_core.data import ImageCache, load_dataset
+    from tl_core.data import ImageCache, Limits, load_dataset
     from tl_core.model import build_model
     from tl_core.preprocess import Preprocessing
     from tl_core.training import Callback, FeatureCache, TrainConfig, TrainState
@@ -66,7 +66,7 @@ def child(args) -> dict:
     work = Path(tempfile.mkdtemp(dir=args.work_dir, prefix=f"run-{n}-"))
     try:
         t_load = time.perf_counter()
-        data = load_dataset(folder)
+        data = load_dataset(folder, limits=Limits(max_files=10**7, max_total_bytes=2**50))  # past the studio's upload limits
         load_seconds = time.perf_counter() - t_load
         spec = get_backbone(args.backbone)
         pre = Preprocessing.from_spec(spec)

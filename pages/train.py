@@ -4,7 +4,8 @@ import streamlit as st
 
 from tl_core.training import TrainConfig
 from ui import session, state
-from ui.cache import device_label, pretrained_backbone, shared_image_cache
+from ui.cache import pretrained_backbone, shared_image_cache
+from ui.device import device_label, device_picker, short_name
 from ui.figures import training_curves
 from ui.settings import current_splits, describe, run_name, train_config
 from ui.widgets import go, md_escape, percent, require_data, seconds, show_error
@@ -34,13 +35,15 @@ with info:
     shown = TrainConfig.from_dict(snap.config) if active else config.resolved()
     st.markdown(f"**{md_escape(describe(shown))}**")
     st.caption(f"{len(splits.train)} training and {len(splits.val)} validation images"
-               + (f", {len(splits.test)} test images" if splits.test else "") + f" · {device_label()}")
+               + (f", {len(splits.test)} test images" if splits.test else "")
+               + f" · on {md_escape(device_label(snap.device) if active else device_label())}")
 with buttons:
     b1, b2 = st.columns(2)
     start = b1.button("Start training", type="primary", icon=":material/play_arrow:", key="train_start",
                       disabled=active, width="stretch")
     stop = b2.button("Stop", icon=":material/stop:", key="train_stop", disabled=not active or snap.stop_requested,
                      width="stretch", help="Stops after the current batch and keeps the best model so far.")
+    device_picker(disabled=active)
 
 if start and not active:
     ws.job = TrainingJob(data=data, splits=splits, config=config, store=ws.store,
@@ -94,7 +97,7 @@ def progress_panel() -> None:
                 "lowest validation loss, which is usually, not always, the most accurate one.")
     m[1].metric("Epochs done", len(p.history))
     m[2].metric("Time", seconds(p.elapsed if p.active else p.wall_seconds))
-    m[3].metric("Device", p.device.upper())
+    m[3].metric("Device", short_name(p.device), help=f"This run trains on {device_label(p.device)}.")
     if p.history:
         st.plotly_chart(training_curves(p.history, p.epochs), key="train_curves", config={"displayModeBar": False})
     elif p.active:
