@@ -122,3 +122,17 @@ def test_fine_tuning_across_two_machines_matches_one_process(frozen_runs):
     assert abs(h1[1]["val_accuracy"] - h2[1]["val_accuracy"]) <= 0.03
     assert abs(one["val_accuracy"] - two["val_accuracy"]) <= 0.03
     assert h1[1]["val_loss"] == pytest.approx(h2[1]["val_loss"], abs=0.05)
+
+
+@pytest.mark.gpu
+def test_two_gpus_with_nccl(tmp_path):
+    """On a machine with two GPUs: NCCL, each rank on its own GPU, DDP fine-tuning in one epoch."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    one, _, _ = _finish(_train([], tmp_path / "r1", tmp_path / "c1", "--strategy", "full", "--device", "cuda"))
+    two, _, _ = _finish(_train([*TORCHRUN, "--nproc-per-node", "2"], tmp_path / "r2", tmp_path / "c2",
+                               "--strategy", "full", "--device", "cuda"))
+    assert two["world_size"] == 2 and two["device"] == "cuda:0"
+    assert abs(one["val_accuracy"] - two["val_accuracy"]) <= 0.03

@@ -208,6 +208,7 @@ def _bench(name: str, *args: str, timeout: float = 600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_bench_gpu_runs_on_the_cpu_as_a_smoke_check():
     r = _bench("bench_gpu.py", "--device", "cpu", "--images", "16", "--batch-size", "8", "--input-size", "64",
                "--steps", "2")
@@ -225,10 +226,20 @@ def test_bench_gpu_on_cuda():
     assert r["features"]["ratio"] > 0 and r["fine_tune"]["ratio"] > 0
 
 
+@pytest.mark.slow
 def test_bench_scale_runs_small(tmp_path):
     r = _bench("bench_scale.py", "--sizes", "40", "120", "--input-size", "32", "--image-size", "24",
                "--work-dir", str(tmp_path))
-    assert [row["images"] for row in r["rows"]] == [40, 120]
+    assert [row["images"] for row in r["rows"]] == [40, 120, 40]  # the baseline again at the end
     for row in r["rows"]:
         assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["computed"] == row["images"]
-    assert r["memory_ratio"] == pytest.approx(r["rows"][-1]["peak_rss_mb"] / r["rows"][0]["peak_rss_mb"])
+    assert r["memory_ratio"] == pytest.approx(r["rows"][1]["peak_rss_mb"] / r["rows"][0]["peak_rss_mb"])
+    assert r["throughput_ratio"] == pytest.approx(r["rows"][1]["images_per_s"] / ((r["rows"][0]["images_per_s"] + r["rows"][2]["images_per_s"]) / 2))
+
+
+def test_train_takes_the_dataset_limits_for_large_sets(tiny_dataset):
+    folder = tiny_dataset({"ants": 3, "bees": 3})
+    proc = subprocess.run([sys.executable, "-m", "tl_core", "train", str(folder), "--max-files", "4"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "over the limit of 4 files" in proc.stderr

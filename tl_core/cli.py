@@ -183,13 +183,27 @@ def cmd_train(args) -> int:
         distributed.shutdown(wait=ok)
 
 
+def _limits(args):
+    """The dataset limits of ``train``: the studio's upload limits unless raised for a large dataset."""
+    from dataclasses import replace
+
+    from .data import Limits
+
+    limits = Limits()
+    if args.max_files:
+        limits = replace(limits, max_files=args.max_files)
+    if args.max_gb:
+        limits = replace(limits, max_total_bytes=int(args.max_gb * 1024**3))
+    return limits
+
+
 def _train(args, world: int) -> int:
     from .data import load_dataset
     from .runs import RunStore
     from .training import distributed, fit
 
     main_rank = distributed.is_main()
-    data = load_dataset(args.data, work_dir=args.work_dir)
+    data = load_dataset(args.data, work_dir=args.work_dir, limits=_limits(args))
     config = _train_config(args)
     # The other ranks stay silent: their progress and messages would repeat rank 0's.
     result = fit(data, config, callbacks=[TqdmProgress(not args.quiet)] if main_rank else [])
@@ -514,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "under torchrun, auto and cuda mean each rank's own GPU")
     sp.add_argument("--out", default="runs", help="runs folder (default: ./runs)")
     sp.add_argument("--export", metavar="FILE.zip", help="also export the model bundle")
+    sp.add_argument("--max-files", type=int, help="accept a dataset of more files than the default 20,000")
+    sp.add_argument("--max-gb", type=float, help="accept a dataset of more than the default 2 GB")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.add_argument("--json", action="store_true", help="last line of stdout is a JSON object")
     sp.set_defaults(func=cmd_train)
