@@ -34,7 +34,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +44,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from synthetic import make_image_folder  # noqa: E402
-from tl_core.backbones import get_backbone  # noqa: E402
+from synthetic import make_image_folder, preprocessing  # noqa: E402
 from tl_core.data import ImageCache, ImageDataset, load_dataset, train_augmentation  # noqa: E402
 from tl_core.model import build_model, fold_batchnorm  # noqa: E402
-from tl_core.preprocess import Preprocessing  # noqa: E402
 from tl_core.training import Callback, FeatureCache, TrainConfig, TrainState, lr_schedule, pick_device  # noqa: E402
 from tl_core.training.config import _Events  # noqa: E402
 from tl_core.training.device import autocast  # noqa: E402
@@ -123,10 +120,7 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:
         data = load_dataset(make_image_folder(work / "images", args.images, size=args.image_size, classes=4))
-        spec = get_backbone(args.backbone)
-        pre = Preprocessing.from_spec(spec)
-        if args.input_size:
-            pre = replace(pre, input_size=args.input_size, resize_size=round(args.input_size * pre.resize_size / pre.input_size))
+        pre = preprocessing(args.backbone, args.input_size)
         size, bs = pre.input_size, args.batch_size
         images = ImageCache(work / "cache" / "images")
         for s in data.samples:  # decode once, as the engine's image cache keeps them

@@ -13,6 +13,19 @@ import numpy as np
 from PIL import Image
 
 
+def preprocessing(backbone: str, input_size: int = 0):
+    """The backbone's evaluation preprocessing, at ``input_size`` px when given (resize scaled alike)."""
+    from dataclasses import replace
+
+    from tl_core.backbones import get_backbone
+    from tl_core.preprocess import Preprocessing
+
+    pre = Preprocessing.from_spec(get_backbone(backbone))
+    if not input_size:
+        return pre
+    return replace(pre, input_size=input_size, resize_size=round(input_size * pre.resize_size / pre.input_size))
+
+
 def make_image_folder(root: Path, n: int, *, size: int = 32, classes: int = 4, seed: int = 0) -> Path:
     """Writes ``n`` JPEGs of ``size`` x ``size`` px into ``root/class_k/`` (kept when already complete)."""
     root = Path(root)

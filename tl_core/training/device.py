@@ -51,7 +51,7 @@ def _rank_gpu() -> torch.device:
 
 def available_devices() -> dict[str, str]:
     """The devices a person can pick here, as ``{value for pick_device: label in words}``; ``auto`` first."""
-    out = {"auto": "Automatic (" + describe_device(pick_device("auto")) + ")", "cpu": describe_device(torch.device("cpu"))}
+    out = {"auto": f"Automatic ({describe_device(pick_device('auto'))})", "cpu": describe_device(torch.device("cpu"))}
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             out[f"cuda:{i}"] = describe_device(torch.device("cuda", i))

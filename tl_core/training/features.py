@@ -5,6 +5,11 @@ When the backbone is entirely frozen it is a pure function of the image, so its 
 computed once (batched, inference mode, channels_last, batch norm folded into the convolutions) and cached,
 keyed by the image's content hash, the backbone, its weights and the preprocessing (and augmentation view).
 The head then trains on cached features: retraining with other head settings computes no features at all.
+
+The store holds sharded arrays (:class:`FeatureCache`), not one file per image: extraction streams into
+it shard by shard (:func:`cache_features` never holds a dataset's features in memory), an interrupted
+extraction resumes where it stopped, and under torchrun each rank computes its share of the batches
+(:mod:`.distributed`).
 """
 
 from __future__ import annotations

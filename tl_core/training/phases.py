@@ -30,8 +30,8 @@ from ..data import ImageCache, ImageDataset, ImageSet, Splits, iter_batches, spl
 from ..evaluation import Evaluation, predict_probs
 from ..model import HeadConfig, TransferModel, build_model
 from ..preprocess import Preprocessing
-from .config import Callback, FitResult, TrainConfig, TrainingError, TrainState, _Diverged, _Events, _StopRequested
 from . import distributed
+from .config import Callback, FitResult, TrainConfig, TrainingError, TrainState, _Diverged, _Events, _StopRequested
 from .device import is_oom, pick_device, seed_everything
 from .features import FeatureCache, compute_features
 from .loops import WARMUP_LR, check_finite, head_epoch, model_epoch, validate_head, validate_model, warm_up_head
