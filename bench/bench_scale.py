@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +54,10 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from synthetic import make_image_folder
+    from synthetic import make_image_folder, preprocessing
     from tl_core.backbones import get_backbone
     from tl_core.data import ImageCache, Limits, load_dataset
     from tl_core.model import build_model
-    from tl_core.preprocess import Preprocessing
     from tl_core.training import Callback, FeatureCache, TrainConfig, TrainState
     from tl_core.training.config import _Events
     from tl_core.training.features import cache_features
@@ -70,12 +68,11 @@ def child(args) -> dict:
     work = Path(tempfile.mkdtemp(dir=args.work_dir, prefix=f"run-{n}-"))
     try:
         t_load = time.perf_counter()
-        data = load_dataset(folder, limits=Limits(max_files=10**7, max_total_bytes=2**50))  # past the studio's upload limits
+        # Past the studio's upload limits (20,000 files, 2 GB), as `train --max-files` allows.
+        data = load_dataset(folder, limits=Limits(max_files=10**7, max_total_bytes=2**50))
         load_seconds = time.perf_counter() - t_load
         spec = get_backbone(args.backbone)
-        pre = Preprocessing.from_spec(spec)
-        if args.input_size:
-            pre = replace(pre, input_size=args.input_size, resize_size=round(args.input_size * pre.resize_size / pre.input_size))
+        pre = preprocessing(args.backbone, args.input_size)
         config = TrainConfig(backbone=args.backbone, weights="random", device="cpu")
         model = build_model(args.backbone, len(data.classes), strategy="frozen", weights="random")
 
@@ -130,7 +127,8 @@ def child(args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 50000], help="images per dataset, smallest first")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 50000],
+                   help="images per dataset, smallest first")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--input-size", type=int, default=0, help="network input in px (0: the backbone's)")
     p.add_argument("--image-size", type=int, default=32, help="generated images' side in px")
