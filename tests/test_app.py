@@ -667,7 +667,7 @@ def test_the_train_page_offers_auto_cpu_and_each_gpu_and_trains_on_the_pick():
     assert at.session_state["ts_device"] == "cpu"
     assert any("on CPU · " in c.value for c in at.caption)  # the device it will use, in words
     # Kept when the person visits another page and comes back.
-    at.switch_page("pages/model.py").run()
+    at.switch_page("pages/data.py").run()
     at.switch_page("pages/train.py").run()
     assert _device_picker(at).value == "cpu"
     at.button(key="train_start").click().run()
@@ -675,7 +675,7 @@ def test_the_train_page_offers_auto_cpu_and_each_gpu_and_trains_on_the_pick():
     assert job is not None and job.config.device == "cpu"
     assert _device_picker(at).disabled  # not while a run is going
     job.stop()
-    job.join(120)
+    assert job.join(300), "the stopped run did not end"
 
 
 def test_a_pick_this_machine_cannot_honour_falls_back_to_automatic():
