@@ -5,7 +5,8 @@ import streamlit as st
 
 from tl_core.training import TrainConfig
 from ui import session, state
-from ui.cache import device_label, pretrained_backbone, shared_image_cache
+from ui.cache import pretrained_backbone, shared_image_cache
+from ui.device import device_label, device_picker, short_name
 from ui.figures import training_curves
 from ui.settings import current_splits, describe, run_name, train_config
 from ui.widgets import go, kept_epoch, kept_row, md_escape, percent, plural, require_data, seconds, show_error
@@ -37,13 +38,15 @@ with info:
     shown = TrainConfig.from_dict(snap.config) if active else config.resolved()
     st.markdown(f"**{md_escape(describe(shown))}**")
     st.caption(f"{len(splits.train):,} training and {plural(len(splits.val), 'validation image')}"
-               + (f", {plural(len(splits.test), 'test image')}" if splits.test else "") + f" · {device_label()}")
+               + (f", {plural(len(splits.test), 'test image')}" if splits.test else "")
+               + f" · on {md_escape(device_label(snap.device) if active else device_label())}")
 with buttons:
     b1, b2 = st.columns(2)
     start = b1.button("Start training", type="primary", icon=":material/play_arrow:", key="train_start",
                       disabled=active, width="stretch")
     stop = b2.button("Stop", icon=":material/stop:", key="train_stop", disabled=not active or snap.stop_requested,
                      width="stretch", help="Stops after the current batch and keeps the best model so far.")
+    device_picker(disabled=active)
 
 if start and not active:
     ws.job = TrainingJob(data=data, splits=splits, config=config, store=ws.store,
@@ -111,7 +114,7 @@ def progress_panel() -> None:
                          "epoch's own figure is on the curves.")
     m[1].metric("Epochs done", f"{len(done_epochs)} of {p.epochs}")
     m[2].metric("Time", seconds(p.elapsed if p.active else p.wall_seconds))
-    m[3].metric("Device", p.device.upper())
+    m[3].metric("Device", short_name(p.device), help=f"This run trains on {device_label(p.device)}.")
     if p.history:
         kept_at = kept_metrics.get("best_epoch") if p.status == "done" and kept_metrics else (
             kept["epoch"] if kept else None)

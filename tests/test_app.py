@@ -806,3 +806,64 @@ def test_plurals_say_one_image():
     assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"
     assert kept_epoch({"best_epoch": 5, "epochs_run": 8}) == "epoch 5 of 8"
     assert "warm-up" in kept_epoch({"best_epoch": 0, "epochs_run": 8})
+
+
+# --------------------------------------------------------------------------------------------------
+# The device picker (Train page)
+
+
+def _train_page_with_device(device: str | None = None) -> AppTest:
+    from ui.datasets import use_sample
+    from ui.session import REGISTRY
+
+    at = new_app().run()
+    use_sample(REGISTRY.get(at.session_state["ts_session_id"]))
+    if device is not None:  # a setting kept from elsewhere, before the picker is drawn
+        at.session_state["ts_device"] = device
+    return at.switch_page("pages/train.py").run()
+
+
+def _device_picker(at: AppTest):
+    (box,) = [s for s in at.selectbox if s.label == "Device"]
+    return box
+
+
+def test_the_train_page_offers_auto_cpu_and_each_gpu_and_trains_on_the_pick():
+    import torch
+
+    from tl_core.training.device import available_devices
+    from ui.session import REGISTRY
+
+    at = _train_page_with_device()
+    assert not at.exception and not at.error
+    box = _device_picker(at)
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    assert box.options[:2] == [available_devices()["auto"], available_devices()["cpu"]]
+    assert len(box.options) == 2 + len(gpus) + ("mps" in available_devices())
+    assert box.value == "auto"
+    box.set_value("cpu").run()
+    assert at.session_state["ts_device"] == "cpu"
+    assert any("on CPU · " in c.value for c in at.caption)  # the device it will use, in words
+    # Kept when the person visits another page and comes back.
+    at.switch_page("pages/data.py").run()
+    at.switch_page("pages/train.py").run()
+    assert _device_picker(at).value == "cpu"
+    at.button(key="train_start").click().run()
+    job = REGISTRY.get(at.session_state["ts_session_id"]).job
+    assert job is not None and job.config.device == "cpu"
+    assert _device_picker(at).disabled  # not while a run is going
+    job.stop()
+    assert job.join(300), "the stopped run did not end"
+
+
+def test_a_pick_this_machine_cannot_honour_falls_back_to_automatic():
+    at = _train_page_with_device("cuda:99")
+    assert not at.exception and not at.error
+    assert _device_picker(at).value == "auto" and at.session_state["ts_device"] == "auto"
+    assert any("on " + _auto_label() in c.value for c in at.caption)
+
+
+def _auto_label() -> str:
+    from tl_core.training.device import describe_device, pick_device
+
+    return describe_device(pick_device("auto"))

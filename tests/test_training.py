@@ -309,7 +309,7 @@ def test_feature_cache_round_trip_and_full_disk(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage.np, "save", full)
+    monkeypatch.setattr(storage.np, "savez", full)
     with pytest.raises(CacheError) as info:
         cache.put("key", "center", "cd34", feat)
     assert "full" in str(info.value) and "TRANSFER_STUDIO_CACHE" in str(info.value) and info.value.errno == errno.ENOSPC

@@ -170,15 +170,50 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
+    from .training import distributed
+
+    # Under torchrun (`torchrun --nproc-per-node N -m tl_core train ...`) every rank runs this; they
+    # share the work of the fit, and rank 0 alone shows progress and writes the run, the bundle and
+    # the JSON line.
+    world = distributed.init(args.device)
+    ok = False
+    try:
+        code = _train(args, world)
+        ok = True
+        return code
+    finally:
+        distributed.shutdown(wait=ok)
+
+
+def _limits(args):
+    """The dataset limits of ``train``: the studio's upload limits unless raised for a large dataset."""
+    from dataclasses import replace
+
+    from .data import Limits
+
+    limits = Limits()
+    if args.max_files:
+        limits = replace(limits, max_files=args.max_files)
+    if args.max_gb:
+        limits = replace(limits, max_total_bytes=int(args.max_gb * 1024**3))
+    return limits
+
+
+def _train(args, world: int) -> int:
     from .data import load_dataset
     from .data.paths import plain_text
     from .runs import RunStore
-    from .training import fit
+    from .training import distributed, fit
 
-    data = load_dataset(args.data, work_dir=args.work_dir)
+    main_rank = distributed.is_main()
+    data = load_dataset(args.data, work_dir=args.work_dir, limits=_limits(args))
     config = _train_config(args)
-    result = fit(data, config, callbacks=[TqdmProgress(not args.quiet)])
+    # The other ranks stay silent: their progress and messages would repeat rank 0's.
+    result = fit(data, config, callbacks=[TqdmProgress(not args.quiet)] if main_rank else [])
+    if not main_rank:
+        return 0
     summary = result.summary()
+    summary["world_size"] = world
     out = RunStore(args.out).save(result, data)
     summary["out"] = str(out)
     summary["run_id"] = out.name
@@ -187,11 +222,12 @@ def cmd_train(args) -> int:
 
         summary["export"] = str(export_run(out, args.export))
     m = result.evaluation.metrics()
+    processes = f" in {world} processes" if world > 1 else ""
     human = (
         f"{config.backbone} ({config.strategy}) on {data.report.source}: val accuracy {m['accuracy']:.3f}, "
         f"balanced {m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} after {summary['epochs_run']} epochs "
-        f"in {summary['wall_seconds']:.1f} s ({summary['feature_seconds']:.1f} s computing features) on {summary['device']}. "
-        f"{result.message}"
+        f"in {summary['wall_seconds']:.1f} s ({summary['feature_seconds']:.1f} s computing features) on {summary['device']}"
+        f"{processes}. {result.message}"
     )
     human += "".join(f"\nwarning: {w}" for w in result.warnings)
     human += f"\nsaved run: {out}"
@@ -492,9 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
     sp.add_argument("--val-fraction", type=float, default=0.2)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default="auto")
+    sp.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1 or mps; "
+                    "under torchrun, auto and cuda mean each rank's own GPU")
     sp.add_argument("--out", default="runs", help="runs folder (default: ./runs)")
     sp.add_argument("--export", metavar="FILE.zip", help="also export the model bundle")
+    sp.add_argument("--max-files", type=int, help="accept a dataset of more files than the default 20,000")
+    sp.add_argument("--max-gb", type=float, help="accept a dataset of more than the default 2 GB")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.add_argument("--json", action="store_true", help="last line of stdout is a JSON object")
     sp.set_defaults(func=cmd_train)

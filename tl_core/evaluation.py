@@ -231,21 +231,25 @@ def extract_features(
     out = np.zeros((len(images), dim), dtype=np.float32)
     todo = list(range(len(images)))
     digests: list[str | None] = [None] * len(images)
-    if feature_cache is not None and cache_key:
-        todo = []
-        for i, im in enumerate(images):
-            digests[i] = _digest(im)
-            cached = feature_cache.get(cache_key, feature_cache.view_key(None, 0), digests[i], dim) if digests[i] else None
-            if cached is None:
-                todo.append(i)
-            else:
-                out[i] = cached
+    use_cache = feature_cache is not None and bool(cache_key)
+    view = feature_cache.view_key(None, 0) if use_cache else ""
+    if use_cache:
+        digests = [_digest(im) for im in images]
+        known = [i for i, d in enumerate(digests) if d]
+        found = np.zeros((len(known), dim), dtype=np.float32)
+        missing = feature_cache.read(cache_key, view, [digests[i] for i in known], dim, found) if known else []
+        lost = set(missing)
+        for k, i in enumerate(known):
+            if k not in lost:
+                out[i] = found[k]
+        todo = [i for i, d in enumerate(digests) if not d] + [known[k] for k in missing]
+        todo.sort()
         logger.info("features: %d of %d images read from the cache", len(images) - len(todo), len(images))
     if not todo:
         return out
-    write = feature_cache is not None and bool(cache_key)
     was_training = model.training
     model.eval()
+    writer = feature_cache.writer(cache_key, view) if use_cache else None
     try:
         for start in range(0, len(todo), batch_size):
             idx = todo[start : start + batch_size]
@@ -253,16 +257,21 @@ def extract_features(
             feats = model.features(batch).float().numpy()
             out[idx] = feats
             del batch
-            if write:
+            if writer is not None:
                 try:
                     for i, f in zip(idx, feats):
                         if digests[i]:
-                            feature_cache.put(cache_key, feature_cache.view_key(None, 0), digests[i], f)
+                            writer.add(digests[i], f)
                 except OSError as exc:  # a full or read-only cache must not cost the features
                     logger.warning("cannot write to the feature cache: %s", exc)
-                    write = False
+                    writer = None
     finally:
         model.train(was_training)
+        if writer is not None:
+            try:
+                writer.flush()  # writes the last shard, also when interrupted
+            except OSError as exc:
+                logger.warning("cannot write to the feature cache: %s", exc)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "save_npy", "to_jsonable", "write_json"]
+__all__ = ["atomic_write", "save_npy", "save_npz", "to_jsonable", "write_json"]
 
 # Read once at import: os.umask can only be read by setting it, which is not thread-safe later on.
 _UMASK = os.umask(0o022)
@@ -93,3 +93,9 @@ def save_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
     """Saves one array as ``.npy`` atomically, without pickles."""
     with atomic_write(path) as f:
         np.save(f, arr, allow_pickle=False)
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Saves several arrays as one uncompressed ``.npz`` atomically, without pickles."""
+    with atomic_write(path) as f:
+        np.savez(f, allow_pickle=False, **arrays)

@@ -374,21 +374,6 @@ def stage_summary(backbone: str, strategy: str, trainable_stages: int | None, hi
     return model.stage_summary()
 
 
-@st.cache_data(show_spinner=False)
-def device_label() -> str:
-    """The device training will use, in words."""
-    import torch
-
-    from tl_core.training import pick_device
-
-    device = pick_device()
-    if device.type == "cuda":
-        return f"GPU · {torch.cuda.get_device_name(0)}"
-    if device.type == "mps":
-        return "Apple GPU (MPS)"
-    return f"CPU · {os.cpu_count() or 1} cores"
-
-
 def augmentation_views(path: str, backbone: str, strength: str, n: int = 4, seed: int = 0) -> list:
     """The network's view of one image (centre crop) and ``n`` random training views, as uint8 arrays.
 

@@ -7,6 +7,7 @@ settings the Model page shows are exactly the ones the run records.
 from __future__ import annotations
 
 from ui import state
+from ui.device import chosen_device
 
 # Defaults that depend on the strategy (as TrainConfig.resolved() would pick them).
 STRATEGY_DEFAULTS = {
@@ -72,6 +73,7 @@ def train_config():
         test_fraction=float(state.TEST_FRACTION.get()),
         seed=int(state.SPLIT_SEED.get()),
         max_seconds=float(budget) if budget > 0 else None,
+        device=chosen_device(),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from ui import state
-from ui.cache import device_label
+from ui.device import device_label
 from ui.widgets import md_escape, percent, plural, seconds
 
 

@@ -148,6 +148,7 @@ DROPOUT = _declare("ts_dropout", 0.2, "Dropout in the head.")
 BALANCE = _declare("ts_balance", "auto", "Class balancing: auto, weights, sampler or none.")
 PATIENCE = _declare("ts_patience", 0, "Early stopping patience in epochs (0: off).")
 TIME_BUDGET = _declare("ts_time_budget", 0, "Wall-clock budget of a run in seconds (0: none).")
+DEVICE = _declare("ts_device", "auto", "Device training uses: auto, cpu, or a GPU such as cuda:0.")
 
 # --------------------------------------------------------------------------------------------------
 # Evaluate page

@@ -7,8 +7,9 @@ Where each step of a fit lives, in the order :func:`fit` runs them:
                           (:class:`TrainState`, :class:`Callback`), what it returns (:class:`FitResult`)
 ``phases``                :func:`fit` and its phases: prepare, features, head, fine-tune, finish
 ``device``                device, seeding, mixed precision, out-of-memory detection
+``distributed``           torchrun: the process group, sharded feature extraction, DDP fine-tuning
 ``optim``                 class weights, the learning-rate schedule, the epoch's sample order
-``features``              cached backbone features (:class:`FeatureCache`, :func:`compute_features`)
+``features``              backbone features in a sharded store (:class:`FeatureCache`, :func:`compute_features`)
 ``loops``                 one epoch of the head or of the model, validation, the head warm-up
 ========================  =====================================================================
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..data import ImageDataset, iter_batches
 from ..evaluation import predict_probs
 from .config import TrainState, _Diverged, _Events, _StopRequested
-from .device import autocast
+from .device import autocast, to_device
 from .optim import lr_schedule
 
 # The head warm-up's recipe: the frozen path's defaults, which suit a new head on cached features.
@@ -67,10 +67,8 @@ def model_epoch(model, dataset, order, bs, opt, sched, loss_fn, state, events, l
     for x, y, _ in iter_batches(dataset, bs, order=order, prefetch=device.type != "cpu"):
         if state.stop_requested:
             raise _StopRequested
-        x = x.to(device, non_blocking=True)
-        if device.type != "mps":
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(device)
+        x = to_device(x, device)  # channels_last; pinned memory and an asynchronous copy on CUDA
+        y = y.to(device, non_blocking=True)
         with autocast(device):
             loss = loss_fn(model(x).float(), y)
         check_finite(loss, lr)

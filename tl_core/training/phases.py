@@ -31,6 +31,7 @@ from ..data.splits import split_counts, split_findings
 from ..evaluation import Evaluation, predict_probs
 from ..model import HeadConfig, TransferModel, build_model
 from ..preprocess import Preprocessing
+from . import distributed
 from .config import Callback, FitResult, TrainConfig, TrainingError, TrainState, _Diverged, _Events, _StopRequested
 from .device import is_oom, pick_device, seed_everything
 from .features import FeatureCache, compute_features
@@ -299,10 +300,13 @@ def _fine_tune(run: _Run) -> None:
     opt = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
     sched = _schedule(run, opt)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    # Under torchrun: DistributedDataParallel, each rank a DistributedSampler's share of the epoch.
+    trained = distributed.wrap(model, device)
 
     def train_epoch(order: np.ndarray) -> tuple[float, float]:
         return model_epoch(
-            model, train_ds, order.tolist(), run.bs, opt, sched, run.loss_fn, run.state, run.events, cfg.lr, device, scaler
+            trained, train_ds, distributed.rank_order(order, run.state.epoch), distributed.rank_batch_size(run.bs), opt,
+            sched, run.loss_fn, run.state, run.events, cfg.lr, device, scaler,
         )
 
     _epoch_loop(run, opt, train_epoch, lambda: validate_model(model, val_ds, run.y_val, run.bs * 2, device))
@@ -337,6 +341,7 @@ def _epoch_loop(
     def record(epoch: int, train_loss: float, ips: float, t0: float, partial: bool = False) -> bool:
         """Validates, appends the epoch to the history, keeps the best; True when it improved."""
         val_loss, val_probs = validate()
+        val_loss = distributed.agree(val_loss)  # every rank keeps the same best epoch and stops together
         # A finite training loss can still leave weights that overflow on validation (lr=1e9): that
         # is divergence too, and such an epoch can never be "best" (it would leave no predictions).
         check_finite(torch.tensor(val_loss), cfg.lr, "validation")
@@ -375,7 +380,8 @@ def _epoch_loop(
                 record(epoch, state.loss, state.images_per_sec, t0, partial=True)
             raise
         except RuntimeError as exc:
-            if is_oom(exc) and run.device.type == "cuda" and run.bs > 1:
+            # Not under torchrun: the other ranks would wait for this one's gradients.
+            if is_oom(exc) and run.device.type == "cuda" and run.bs > 1 and not distributed.active():
                 torch.cuda.empty_cache()
                 run.bs = max(1, run.bs // 2)
                 events.message(f"The GPU ran out of memory; retrying epoch {epoch} with batch size {run.bs}.")
