@@ -71,7 +71,8 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
 
 def test_wheel_holds_the_engine_the_studio_and_the_sample_data(wheel):
     names = set(wheel.namelist())
-    expected = {"app.py", ".streamlit/config.toml", "tl_core/predict_template.py"}
+    expected = {"app.py", ".streamlit/config.toml", "tl_core/predict_template.py",
+                "tl_core/export/web_assets/app.js", "tl_core/export/web_assets/ort-wasm-simd-threaded.wasm.gz"}
     # Every module of the engine and the UI, including sub-packages, and every page.
     for folder in ("tl_core", "ui", "pages"):
         expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*.py")}

@@ -171,6 +171,15 @@ def render_model_card(meta: dict) -> str:
         f"{pre['input_size']}) float32, output `{OUTPUT_NAME}` (N, {len(names)}); any batch size.",
         "- `predict.py`: `pip install onnxruntime numpy pillow`, then `python predict.py photo.jpg` in the unzipped "
         "folder, or `python predict.py --bundle model.zip photo.jpg`.",
+    ]
+    if meta.get("files", {}).get("web"):
+        lines.append(
+            "- `web/`: a web page that runs the model in the browser (ONNX Runtime Web, included; no server code, "
+            "nothing uploaded). It classifies chosen photos or the webcam. Serve the folder from any static web host, "
+            "or locally with `python -m http.server` inside it and open <http://localhost:8000> (browsers do not "
+            "load models from a page opened as a file)."
+        )
+    lines += [
         "",
         "Made with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and v != "not installed") + ".",
         "",
