@@ -106,7 +106,13 @@ HONOUR_SPLITS = _declare("ts_honour_splits", True, "Use the train/val/test folde
 PREVIEW_CLASS = _declare("ts_preview_class", None, "Class shown in the preview grid.")
 PREVIEW_PAGE = _declare("ts_preview_page", 1, "Page of the preview grid.", widget_owned=True)
 AUGMENT_PREVIEW_SEED = _declare("ts_augment_preview_seed", 0, "Seed of the augmentation preview (bumped to shuffle).")
-AUGMENT = _declare("ts_augment", "none", "Augmentation strength used in training: none, light or strong.")
+AUGMENT = _declare("ts_augment", "none", "Augmentation used in training: a preset (none, light, strong) or "
+                   "'op=strength,...' text (tl_core.training.Augmentation); the editor's sliders follow it.")
+AUGMENT_PRESET = _declare("ts_augment_preset", "none", "The augmentation preset shown (None for a custom mix).")
+AUGMENT_STRENGTH = {  # one slider per operation of tl_core.training.config.AUGMENT_OPS, in percent
+    op: _declare(f"ts_augment_{op}", 0, f"Strength of the '{op}' augmentation, 0-100%.")
+    for op in ("rotate", "crop", "flip", "vflip", "colour", "blur", "erase")
+}
 
 # --------------------------------------------------------------------------------------------------
 # Model page

@@ -39,6 +39,27 @@ def _table(header: list[str], rows: Iterable[list[Any]]) -> list[str]:
     return lines
 
 
+def _augmentation_lines(train_config: dict) -> list[str]:
+    """The training images' augmentation, operation by operation, when the run recorded it."""
+    augment = train_config.get("augment")
+    if not augment or augment == "auto":
+        return []
+    from ..training.config import AUGMENT_OPS, Augmentation
+
+    try:
+        a = Augmentation.parse(augment)
+    except ValueError:
+        return ["", "## Augmentation", "", f"Recorded as `{augment}` (not understood by this version)."]
+    lines = ["", "## Augmentation", ""]
+    if not a.active:
+        return lines + ["None: the model saw each training image as it is (centre crop)."]
+    lines.append(f"Training saw randomly changed copies of the training images (`{a}`, the {a.label} setting):")
+    lines.append("")
+    lines += _table(["operation", "strength", "what it does at full strength"],
+                    [[op, f"{v:.0%}", AUGMENT_OPS[op]] for op, v in a.strengths().items() if v > 0])
+    return lines
+
+
 def render_model_card(meta: dict) -> str:
     """``MODEL_CARD.md`` for a bundle's metadata: what it does, what it saw, how well, and its limits."""
     names: list[str] = meta["class_names"]
@@ -83,6 +104,8 @@ def render_model_card(meta: dict) -> str:
             ],
         ],
     )
+
+    lines += _augmentation_lines(meta.get("train_config") or {})
 
     lines += ["", "## Data it saw", ""]
     if data:
