@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from tl_core.data import DataError, Limits
-from ui import augment, session, state
+from ui import augment, camera, session, state
 from ui.cache import thumb
 from ui.datasets import (
     add_batch,
@@ -69,7 +69,9 @@ def _add_batch(files: list) -> None:
         flash("error", str(exc))
 
 
-with st.expander("Add or replace images", expanded=data is None, icon=":material/add_photo_alternate:"):
+# Kept open while the camera is on, so shot after shot goes on when the shots become the dataset.
+with st.expander("Add or replace images", expanded=data is None or state.USE_DATA_CAMERA.get(),
+                 icon=":material/add_photo_alternate:"):
     st.caption(f"Limits: {Limits().describe()}; each uploaded file at most {upload_mb} MB. "
                "Files that are not usable images are left out and listed below; the rest are kept.")
     source = st.segmented_control(
@@ -114,6 +116,10 @@ with st.expander("Add or replace images", expanded=data is None, icon=":material
         class_name = state.BATCH_CLASS_NAME.get().strip()
         st.button(f"Add {len(files or [])} images to this class", key="data_add_batch", type="primary",
                   disabled=not files or not class_name, on_click=_add_batch, args=(files or [],))
+        if st.toggle("Take photos with the camera", help="Add photos to a class, new or existing, one shot after "
+                      "another.", **state.USE_DATA_CAMERA.widget):
+            with st.container(border=True):
+                camera.collect(ws)
         classes = batch_classes(ws)
         if classes:
             st.markdown("**Classes so far**")

@@ -4,7 +4,7 @@ import streamlit as st
 
 from tl_core.preprocess import ImageDecodeError
 from tl_core.runs import RunError
-from ui import cam, session, state
+from ui import cam, camera, session, state
 from ui.cache import run_evaluation
 from ui.datasets import safe_name
 from ui.figures import top_k
@@ -83,11 +83,18 @@ if predictor is not None:
         if n_classes > 2:
             st.slider("Classes to list", 1, min(5, n_classes), **state.TOP_K.widget)
         st.toggle("Use the camera", **state.USE_CAMERA.widget)
+        if state.USE_CAMERA.get():
+            st.segmented_control("Camera mode", ["live", "snapshot"], required=True, label_visibility="collapsed",
+                                 format_func={"live": "Live", "snapshot": "Snapshot"}.get,
+                                 help="Live: predictions follow the camera stream. Snapshot: take one photo at a "
+                                      "time (for devices that cannot stream).", **state.CAMERA_MODE.widget)
     with c3:
         st.toggle("Show where it looks", disabled=not cam.AVAILABLE, help="A heat map of the evidence for the "
                   "predicted class (slower: a few seconds per photo).", **state.SHOW_CAM.widget)
     photos = [(f.name, bytes(f.getbuffer())) for f in (files or [])][:24]
-    if state.USE_CAMERA.get():
+    if state.USE_CAMERA.get() and state.CAMERA_MODE.get() == "live":
+        camera.live_preview(predictor, min(int(state.TOP_K.get()), n_classes))
+    elif state.USE_CAMERA.get():
         shot = st.camera_input("Take a photo", key="predict_camera")
         if shot is not None:
             photos.insert(0, ("camera photo", bytes(shot.getbuffer())))
@@ -105,9 +112,11 @@ if predictor is not None:
                 continue
             cols[0].image(raw, caption=md_escape(name), width="stretch")
             with cols[1]:
-                label, p = pairs[0]
-                st.markdown(f"**{md_escape(label)}** · {p:.0%} sure")
-                st.plotly_chart(top_k(pairs), key=f"predict_topk_{name}_{hash(raw)}", config={"displayModeBar": False})
+                label, p = camera.pairs_of(pairs)[0]
+                flag = " · :orange-badge[not sure]" if camera.unsure_flag(pairs) else ""
+                st.markdown(f"**{md_escape(label)}** · {p:.0%} sure{flag}")
+                st.plotly_chart(top_k(camera.pairs_of(pairs)), key=f"predict_topk_{name}_{hash(raw)}",
+                                config={"displayModeBar": False})
             if state.SHOW_CAM.get() and cam.AVAILABLE:
                 try:
                     with cols[2], st.spinner("Heat map…"):

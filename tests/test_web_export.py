@@ -83,7 +83,8 @@ def test_bundle_holds_a_standalone_web_folder(bundle, tmp_path):
     with zipfile.ZipFile(bundle) as zf:
         names = set(zf.namelist())
         web = {n for n in names if n.startswith("web/")}
-        assert web == {f"web/{n}" for n in (*web_export.PLAIN_ASSETS, web_export.WASM_FILE, "config.json", "model.onnx")}
+        own = (*web_export.PLAIN_ASSETS, web_export.WASM_FILE, "config.json", "model.onnx")
+        assert web == {f"web/{n}" for n in own}
         assert zf.read("web/model.onnx") == zf.read("model.onnx")
         config = json.loads(zf.read("web/config.json"))
         meta = json.loads(zf.read("model.json"))
@@ -183,7 +184,8 @@ def test_web_page_matches_predict(served, bundle, chromium, tmp_path):
     try:
         page.set_input_files("#files", [str(p) for p in photos])
         page.wait_for_function(f"document.getElementById('done').textContent === '{len(photos)}'", timeout=120_000)
-        got = {el.get_attribute("data-name"): (json.loads(el.get_attribute("data-probs")), el.get_attribute("data-top1"))
+        got = {el.get_attribute("data-name"): (json.loads(el.get_attribute("data-probs")),
+                                               el.get_attribute("data-top1"))
                for el in page.query_selector_all("#results .result")}
         page.screenshot(path=str(tmp_path / "web_page.png"), full_page=True)
     finally:

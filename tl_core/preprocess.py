@@ -285,7 +285,9 @@ def preprocess(source, pre: Preprocessing) -> torch.Tensor:
 
 
 
-def train_augmentation(pre: Preprocessing, augment: str | Augmentation = "light") -> Callable[[torch.Tensor], torch.Tensor]:
+def train_augmentation(
+    pre: Preprocessing, augment: str | Augmentation = "light"
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The train-time transform of an augmentation, on uint8 CHW tensors of the resized image.
 
     torchvision's v2 transforms, in the order of :data:`~tl_core.training.config.AUGMENT_OPS`; an
