@@ -101,3 +101,78 @@ def test_data_page_camera_panel(studio, tmp_path):
     at.text_input(key="ts_camera_new_class").input("wasps").run()
     _clean(at)
     assert at.get("camera_input")
+
+
+# --------------------------------------------------------------------------------------------------
+# Live preview (Predict page)
+
+
+def _frame_url(colour=(30, 160, 30)) -> str:
+    import base64
+
+    return "data:image/jpeg;base64," + base64.b64encode(_jpeg(colour)).decode()
+
+
+class _FakePredictor:
+    """Stands in for the engine's Predictor: records what it was given, answers like issue 12's results."""
+
+    def __init__(self, result):
+        self.result, self.seen = result, []
+
+    def predict(self, images, top_k):
+        self.seen.append((images, top_k))
+        Image.open(io.BytesIO(images[0])).verify()  # a real JPEG arrived
+        return [self.result]
+
+
+@pytest.mark.parametrize("result, unsure", [
+    ({"top": [("cat", 0.52), ("dog", 0.48)], "unsure": True}, True),  # a result carrying the flag
+    ([("cat", 0.97), ("dog", 0.03)], None),  # today's (class, probability) pairs: no flag
+])
+def test_live_frame_is_predicted_and_acknowledged(monkeypatch, result, unsure):
+    import streamlit
+
+    from ui import camera
+
+    session: dict = {camera.LIVE_KEY: {"frame": {"n": 7, "jpeg": _frame_url()}}}
+    monkeypatch.setattr(streamlit, "session_state", session)
+    predictor = _FakePredictor(result)
+    camera._on_frame(predictor, 2)
+    last = session["ts_live_result"]
+    assert last["pairs"] == [("cat", 0.52), ("dog", 0.48)] if unsure else [("cat", 0.97), ("dog", 0.03)]
+    assert last["unsure"] is unsure and last["n"] == 7, "the frame number is the acknowledgement"
+    assert predictor.seen[0][1] == 2 and last["seconds"] >= 0
+    # The next frame updates the rate; a damaged one gives a message, not an exception.
+    session[camera.LIVE_KEY] = {"frame": {"n": 8, "jpeg": _frame_url((200, 0, 0))}}
+    camera._on_frame(predictor, 2)
+    assert session["ts_live_result"]["n"] == 8 and session["ts_live_result"]["fps"] > 0
+    session[camera.LIVE_KEY] = {"frame": {"n": 9, "jpeg": "data:text/plain;base64,aGVsbG8="}}
+    camera._on_frame(predictor, 2)
+    assert session["ts_live_result"] == {"error": "the camera sent a frame that is not an image", "n": 9}
+
+
+def test_predict_page_live_and_snapshot_modes(studio, tiny_dataset):
+    from test_app import _tiny_job
+
+    at = studio
+    ws = _ws(at)
+    job = _tiny_job(tiny_dataset, ws.runs_dir, epochs=2)
+    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
+    job.run()
+    at = at.switch_page("pages/predict.py").run()
+    _clean(at)
+    at.toggle(key="ts_use_camera").set_value(True).run()
+    _clean(at)
+    assert at.button_group(key="ts_camera_mode").value == "live"
+    assert any("Waiting for the first frame" in c.value for c in at.caption), "the live panel is shown"
+    assert not at.get("camera_input"), "live mode streams; no snapshot widget"
+    # A prediction that arrived from the stream is shown with its classes.
+    at.session_state["ts_live_result"] = {"pairs": [("ants", 0.51), ("bees", 0.49)], "unsure": True, "n": 4,
+                                          "seconds": 0.04, "at": 1.0, "fps": 3.2}
+    at.run()
+    _clean(at)
+    assert any("ants" in m.value and "not sure" in m.value for m in at.markdown)
+    assert any("3.2 frames per second" in c.value for c in at.caption)
+    at.button_group(key="ts_camera_mode").set_value("snapshot").run()
+    _clean(at)
+    assert at.get("camera_input"), "snapshot mode stays for devices that cannot stream"
