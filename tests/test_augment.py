@@ -19,6 +19,7 @@ from tl_core.backbones import get_backbone
 from tl_core.preprocess import Preprocessing, center_crop, resized_array, train_augmentation
 from tl_core.training import TrainConfig
 from tl_core.training.config import AUGMENT_OPS, AUGMENT_PRESETS, Augmentation
+from test_camera import _clean, studio  # noqa: F401 - the AppTest fixture shared with the camera tests
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = sorted((ROOT / "sample_data" / "hymenoptera" / "val" / "bees").glob("*.jpg"))[0]
@@ -159,28 +160,12 @@ def test_cli_refuses_unknown_augmentation(tiny_dataset, tmp_path):
 # The editor on the Data page
 
 
-@pytest.fixture
-def studio(tmp_path, monkeypatch):
-    from ui.session import REGISTRY
-
-    monkeypatch.setenv("TRANSFER_STUDIO_HOME", str(tmp_path / "home"))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180).run()
-    yield at
-    for sid in REGISTRY.ids():
-        REGISTRY.remove(sid)
-
-
 def _data_page(at: AppTest) -> AppTest:
     from ui.datasets import use_sample
     from ui.session import REGISTRY
 
     use_sample(REGISTRY.get(at.session_state["ts_session_id"]))
     return at.switch_page("pages/data.py").run()
-
-
-def _clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def test_editor_sliders_presets_and_preview(studio):

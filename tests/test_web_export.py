@@ -27,18 +27,10 @@ from PIL import Image
 from tl_core.export import ExportError, export_bundle, load_bundle
 from tl_core.export import web as web_export
 from tl_core.model import build_model
+from test_browser import CHROMIUM, CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL = ROOT / "sample_data" / "hymenoptera" / "val"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 CLASSES = ["ants", "bees", "wasps"]
 PROB_TOL = 0.01
 

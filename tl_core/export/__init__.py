@@ -12,6 +12,8 @@ load_bundle``):
 ``fidelity``       4. check: :func:`check_fidelity` (eager vs TorchScript vs ONNX)
 ``web``            5. the web page: the bundle's static ``web/`` folder (onnxruntime-web, vendored in
                    ``web_assets/``), :func:`write_web_folder`
+``tflite``         6. other formats: :func:`export_tflite` (TensorFlow Lite through the optional
+                   ``litert-torch``, checked with the LiteRT interpreter)
 =================  ================================================================================
 
 The stand-alone ``predict.py`` shipped in every bundle is ``tl_core/predict_template.py``.
@@ -67,6 +69,7 @@ from .common import (
 )
 from .fidelity import check_fidelity
 from .read import Predictor, load_bundle, read_metadata
+from .tflite import export_tflite
 from .web import write_web_folder
 from .write import export_bundle, export_run, predict_script
 
@@ -95,6 +98,7 @@ __all__ = [
     "check_fidelity",
     "export_bundle",
     "export_run",
+    "export_tflite",
     "load_bundle",
     "predict_script",
     "read_metadata",
