@@ -136,7 +136,9 @@ if run is not None and predictor is not None:
     st.subheader("Download the model")
     st.markdown("One .zip with everything needed to use the model elsewhere: the weights, TorchScript and ONNX "
                 "versions, a model card (classes, data, accuracy, limits) and a small `predict.py` that needs only "
-                "onnxruntime, numpy and Pillow. Upload it here later to predict with it again.")
+                "onnxruntime, numpy and Pillow, and a `web/` folder: a web page that runs the model in any browser "
+                "(photos or the webcam; put the folder on any static web host). Upload the .zip here later to "
+                "predict with it again.")
     out = ws.exports_dir / f"{run.run_id}.zip"
     job = ws.exports.get(run.run_id)
     if out.is_file() and (job is None or job.done):

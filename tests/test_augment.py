@@ -188,6 +188,14 @@ def test_editor_sliders_presets_and_preview(studio):
     # The preview grid: for each of the two classes, the network's view and five variations.
     assert len(at.get("image")) == previews_none + 2 * 5
 
+    # Strong's crop (0.8125) shows as 81%; moving another slider there and back keeps it strong.
+    at.button_group(key="ts_augment_preset").set_value("strong").run()
+    assert at.slider(key="ts_augment_crop").value == 81
+    at.slider(key="ts_augment_blur").set_value(20).run()
+    assert at.session_state["ts_augment"] == "crop=0.8125,flip=1,colour=0.6,blur=0.2"
+    at.slider(key="ts_augment_blur").set_value(0).run()
+    assert at.session_state["ts_augment"] == "strong" and at.button_group(key="ts_augment_preset").value == "strong"
+
     at.button_group(key="ts_augment_preset").set_value("none").run()
     _clean(at)
     assert all(at.slider(key=f"ts_augment_{op}").value == 0 for op in AUGMENT_OPS)

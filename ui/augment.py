@@ -55,8 +55,15 @@ def _on_preset() -> None:
 
 
 def _on_slider() -> None:
-    a = Augmentation(**{op: state.AUGMENT_STRENGTH[op].get() / 100 for op in AUGMENT_OPS})
+    a = Augmentation(**{op: _strength(op, state.AUGMENT_STRENGTH[op].get()) for op in AUGMENT_OPS})
     state.AUGMENT.set(str(a))
+
+
+def _strength(op: str, pct: int) -> float:
+    """A slider's percent as a strength; a preset's exact strength when the slider shows it rounded
+    (strong's crop is 0.8125, shown as 81%), so presets stay recognisable after other sliders move."""
+    exact = {int(round(p.strengths()[op] * 100)): p.strengths()[op] for p in AUGMENT_PRESETS.values()}
+    return exact.get(int(pct), int(pct) / 100)
 
 
 def editor(data) -> None:
