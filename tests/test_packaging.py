@@ -91,8 +91,9 @@ def test_wheel_declares_the_command_and_the_dependencies(wheel):
     requires = {_norm(m.group(1)) for m in re.finditer(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", metadata, re.M)}
     from packaging.requirements import Requirement
 
-    # Exactly the one list in requirements.txt (plus the optional extra), read at build time.
-    assert requires == {_norm(Requirement(r).name) for r in _requirements()} | {"umap-learn"}
+    # Exactly the one list in requirements.txt (plus the optional extras), read at build time.
+    extras = {"umap-learn", "litert-torch", "ai-edge-litert"}
+    assert requires == {_norm(Requirement(r).name) for r in _requirements()} | extras
 
 
 def _third_party_imports() -> dict[str, list[str]]:
