@@ -18,7 +18,6 @@ from test_browser import (
     VIEWPORT,
     StudioServer,
     artifacts_on_failure,
-    button,
     go_page,
     heading,
     wait_idle,
