@@ -5,8 +5,8 @@ from pathlib import Path
 import streamlit as st
 
 from tl_core.data import DataError, Limits
-from ui import session, state
-from ui.cache import augmentation_views, thumb
+from ui import augment, camera, session, state
+from ui.cache import thumb
 from ui.datasets import (
     add_batch,
     batch_classes,
@@ -70,7 +70,9 @@ def _add_batch(files: list) -> None:
         flash("error", str(exc))
 
 
-with st.expander("Add or replace images", expanded=data is None, icon=":material/add_photo_alternate:"):
+# Kept open while the camera is on, so shot after shot goes on when the shots become the dataset.
+with st.expander("Add or replace images", expanded=data is None or state.USE_DATA_CAMERA.get(),
+                 icon=":material/add_photo_alternate:"):
     st.caption(f"Limits: {Limits().describe()}; each uploaded file at most {upload_mb} MB. "
                "Files that are not usable images are left out and listed below; the rest are kept.")
     source = st.segmented_control(
@@ -115,6 +117,10 @@ with st.expander("Add or replace images", expanded=data is None, icon=":material
         class_name = state.BATCH_CLASS_NAME.get().strip()
         st.button(f"Add {plural(len(files or []), 'image')} to this class", key="data_add_batch", type="primary",
                   disabled=not files or not class_name, on_click=_add_batch, args=(files or [],))
+        if st.toggle("Take photos with the camera", help="Add photos to a class, new or existing, one shot after "
+                      "another.", **state.USE_DATA_CAMERA.widget):
+            with st.container(border=True):
+                camera.collect(ws)
         classes = batch_classes(ws)
         if classes:
             st.markdown("**Classes so far**")
@@ -240,31 +246,4 @@ with split_tab:
         st.dataframe(split_table(splits, data.classes), hide_index=True, key="data_split_table", width="content")
 
 with augment_tab:
-    st.markdown("**Augmentation** shows the model slightly different versions of each training photo (cropped, "
-                "flipped, recoloured), so it learns the subject rather than the exact picture.")
-    st.segmented_control(
-        "Strength",
-        ["none", "light", "strong"],
-        format_func={"none": "None", "light": "Light: crop + flip", "strong": "Strong: + colour changes"}.get,
-        required=True,
-        **state.AUGMENT.widget,
-    )
-    strength = state.AUGMENT.get()
-    if state.STRATEGY.get() == "frozen" and strength != "none":
-        st.caption("With a frozen backbone, 4 varied copies of every training image are prepared once; training "
-                   "then picks among them.")
-    shuffle = st.button("Show other variations", icon=":material/shuffle:", key="data_aug_shuffle",
-                        disabled=strength == "none")
-    if shuffle:
-        state.AUGMENT_PREVIEW_SEED.set(state.AUGMENT_PREVIEW_SEED.get() + 1)
-    seed = state.AUGMENT_PREVIEW_SEED.get()
-    examples = [next(s for s in data.samples if s.label == c) for c in data.classes[:3]]
-    for s in examples:
-        try:
-            views = augmentation_views(s.path, state.BACKBONE.get(), strength, 5, seed)
-        except Exception as exc:  # noqa: BLE001 - a preview must not break the page
-            show_error(f"No preview for {Path(s.relpath).name}: {exc}")
-            continue
-        st.markdown(f"**{md_escape(s.label)}**")
-        image_grid([(v, "as the network sees it" if k == 0 else f"variation {k}") for k, v in enumerate(views)],
-                   columns=6)
+    augment.editor(data)

@@ -4,7 +4,7 @@ import streamlit as st
 
 from tl_core.preprocess import ImageDecodeError
 from tl_core.runs import RunError
-from ui import cam, session, state
+from ui import cam, camera, session, state
 from ui.cache import run_evaluation
 from ui.figures import top_k
 from ui.widgets import md_escape, percent, require_run, seconds, show_error, slug
@@ -82,11 +82,18 @@ if predictor is not None:
         if n_classes > 2:
             st.slider("Classes to list", 1, min(5, n_classes), **state.TOP_K.widget)
         st.toggle("Use the camera", **state.USE_CAMERA.widget)
+        if state.USE_CAMERA.get():
+            st.segmented_control("Camera mode", ["live", "snapshot"], required=True, label_visibility="collapsed",
+                                 format_func={"live": "Live", "snapshot": "Snapshot"}.get,
+                                 help="Live: predictions follow the camera stream. Snapshot: take one photo at a "
+                                      "time (for devices that cannot stream).", **state.CAMERA_MODE.widget)
     with c3:
         st.toggle("Show where it looks", disabled=not cam.AVAILABLE, help="A heat map of the evidence for the "
                   "predicted class (slower: a few seconds per photo).", **state.SHOW_CAM.widget)
     photos = [(f.name, bytes(f.getbuffer())) for f in (files or [])][:24]
-    if state.USE_CAMERA.get():
+    if state.USE_CAMERA.get() and state.CAMERA_MODE.get() == "live":
+        camera.live_preview(predictor, min(int(state.TOP_K.get()), n_classes))
+    elif state.USE_CAMERA.get():
         shot = st.camera_input("Take a photo", key="predict_camera")
         if shot is not None:
             photos.insert(0, ("camera photo", bytes(shot.getbuffer())))
@@ -104,9 +111,11 @@ if predictor is not None:
                 continue
             cols[0].image(raw, caption=md_escape(name), width="stretch")
             with cols[1]:
-                label, p = pairs[0]
-                st.markdown(f"**{md_escape(label)}** · {p:.0%} sure")
-                st.plotly_chart(top_k(pairs), key=f"predict_topk_{name}_{hash(raw)}", config={"displayModeBar": False})
+                label, p = camera.pairs_of(pairs)[0]
+                flag = " · :orange-badge[not sure]" if camera.unsure_flag(pairs) else ""
+                st.markdown(f"**{md_escape(label)}** · {p:.0%} sure{flag}")
+                st.plotly_chart(top_k(camera.pairs_of(pairs)), key=f"predict_topk_{name}_{hash(raw)}",
+                                config={"displayModeBar": False})
             if state.SHOW_CAM.get() and cam.AVAILABLE:
                 try:
                     with cols[2], st.spinner("Heat map…"):
@@ -126,7 +135,9 @@ if run is not None and predictor is not None:
     st.subheader("Download the model")
     st.markdown("One .zip with everything needed to use the model elsewhere: the weights, TorchScript and ONNX "
                 "versions, a model card (classes, data, accuracy, limits) and a small `predict.py` that needs only "
-                "onnxruntime, numpy and Pillow. Upload it here later to predict with it again.")
+                "onnxruntime, numpy and Pillow, and a `web/` folder: a web page that runs the model in any browser "
+                "(photos or the webcam; put the folder on any static web host). Upload the .zip here later to "
+                "predict with it again.")
     out = ws.exports_dir / f"{run.run_id}.zip"
     job = ws.exports.get(run.run_id)
     if out.is_file() and (job is None or job.done):

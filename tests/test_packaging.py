@@ -71,7 +71,8 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
 
 def test_wheel_holds_the_engine_the_studio_and_the_sample_data(wheel):
     names = set(wheel.namelist())
-    expected = {"app.py", ".streamlit/config.toml", "tl_core/predict_template.py"}
+    expected = {"app.py", ".streamlit/config.toml", "tl_core/predict_template.py",
+                "tl_core/export/web_assets/app.js", "tl_core/export/web_assets/ort-wasm-simd-threaded.wasm.gz"}
     # Every module of the engine and the UI, including sub-packages, and every page.
     for folder in ("tl_core", "ui", "pages"):
         expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*.py")}
@@ -90,8 +91,9 @@ def test_wheel_declares_the_command_and_the_dependencies(wheel):
     requires = {_norm(m.group(1)) for m in re.finditer(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", metadata, re.M)}
     from packaging.requirements import Requirement
 
-    # Exactly the one list in requirements.txt (plus the optional extra), read at build time.
-    assert requires == {_norm(Requirement(r).name) for r in _requirements()} | {"umap-learn"}
+    # Exactly the one list in requirements.txt (plus the optional extras), read at build time.
+    extras = {"umap-learn", "litert-torch", "ai-edge-litert"}
+    assert requires == {_norm(Requirement(r).name) for r in _requirements()} | extras
 
 
 def _third_party_imports() -> dict[str, list[str]]:

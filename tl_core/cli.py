@@ -523,8 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int)
     sp.add_argument("--lr", type=float)
     sp.add_argument("--hidden", type=int, default=0, help="hidden layer width of the head (0: none)")
-    sp.add_argument("--augment", default="auto", choices=["auto", "none", "light", "strong"],
-                    help="auto: none on cached features (frozen), light when fine-tuning")
+    sp.add_argument("--augment", default="auto",
+                    help="auto (none on cached features, light when fine-tuning), none, light, strong, or each "
+                         "operation's strength from 0 to 1, e.g. 'crop=0.5,flip=1,rotate=0.2,colour=0.3,blur=0.2' "
+                         "(operations: rotate, crop, flip, vflip, colour, blur, erase)")
     sp.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
     sp.add_argument("--val-fraction", type=float, default=0.2)
     sp.add_argument("--seed", type=int, default=0)

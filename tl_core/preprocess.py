@@ -1,4 +1,5 @@
-"""Decoding and evaluation preprocessing, shared by training, prediction and exported bundles.
+"""Decoding and evaluation preprocessing, shared by training, prediction and exported bundles, and the
+train-time augmentation (:func:`train_augmentation`).
 
 One function decodes any supported file into an RGB image; one turns it into the network's input.
 The exported ``predict.py`` re-implements exactly these steps with Pillow and numpy, so they are
@@ -12,11 +13,12 @@ import contextlib
 import errno
 import io
 import logging
+import math
 import os
 import stat
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -25,6 +27,8 @@ from PIL import Image, ImageOps
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: decoding (and `inspect`) never needs it
     import torch
+
+    from .training.config import Augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -420,3 +424,45 @@ def preprocess(source, pre: Preprocessing) -> torch.Tensor:
         arr = resized_array(source, pre)
     return to_input(center_crop(arr, pre.input_size), pre)
 
+
+
+def train_augmentation(
+    pre: Preprocessing, augment: str | Augmentation = "light"
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The train-time transform of an augmentation, on uint8 CHW tensors of the resized image.
+
+    torchvision's v2 transforms, in the order of :data:`~tl_core.training.config.AUGMENT_OPS`; an
+    operation at strength 0 is left out (so the presets give exactly the transforms of earlier versions).
+    The output is ``pre.input_size`` square: a random resized crop, or the centre crop when ``crop`` is off.
+
+    Args:
+        pre: The backbone's preprocessing (the crop size).
+        augment: A preset name, ``"op=strength,..."`` text or an :class:`~tl_core.training.config.Augmentation`.
+    """
+    from torchvision.transforms import v2
+
+    from .training.config import Augmentation
+
+    a = Augmentation.parse(augment)
+    size = pre.input_size
+    ops: list = []
+    if a.rotate:
+        ops.append(v2.RandomRotation(45.0 * a.rotate))
+    if a.crop:
+        ops.append(v2.RandomResizedCrop(size, scale=(1.0 - 0.8 * a.crop, 1.0), antialias=True))
+    else:
+        ops.append(v2.CenterCrop(size))
+    if a.flip:
+        ops.append(v2.RandomHorizontalFlip(0.5 * a.flip))
+    if a.vflip:
+        ops.append(v2.RandomVerticalFlip(0.5 * a.vflip))
+    if a.colour:
+        jitter = 0.5 * a.colour
+        ops.append(v2.ColorJitter(jitter, jitter, jitter, a.colour / 12.0))
+    if a.blur:
+        sigma = 3.0 * a.blur
+        kernel = 2 * math.ceil(3.0 * sigma) + 1
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, max(0.1, sigma)))], p=0.5))
+    if a.erase:
+        ops.append(v2.RandomErasing(p=0.5, scale=(0.02, max(0.02, a.erase / 3.0)), value=0))
+    return v2.Compose(ops)

@@ -374,16 +374,18 @@ def stage_summary(backbone: str, strategy: str, trainable_stages: int | None, hi
     return model.stage_summary()
 
 
-def augmentation_views(path: str, backbone: str, strength: str, n: int = 4, seed: int = 0) -> list:
+def augmentation_views(path: str, backbone: str, augment: str, n: int = 4, seed: int = 0) -> list:
     """The network's view of one image (centre crop) and ``n`` random training views, as uint8 arrays.
+
+    ``augment`` is a preset name or ``"op=strength,..."`` (:class:`tl_core.training.config.Augmentation`).
 
     Shared, so read-only.
     """
     return byte_cache("augmentation").get_or_compute(
-        (path, backbone, strength, n, seed), lambda: _augmentation_views(path, backbone, strength, n, seed))
+        (path, backbone, augment, n, seed), lambda: _augmentation_views(path, backbone, augment, n, seed))
 
 
-def _augmentation_views(path: str, backbone: str, strength: str, n: int, seed: int) -> list:
+def _augmentation_views(path: str, backbone: str, augment: str, n: int, seed: int) -> list:
     import numpy as np
     import torch
 
@@ -394,9 +396,9 @@ def _augmentation_views(path: str, backbone: str, strength: str, n: int, seed: i
     pre = Preprocessing.from_spec(get_backbone(backbone))
     arr = resized_array(path, pre)
     views = [center_crop(arr, pre.input_size)]
-    if strength != "none":
-        aug = train_augmentation(pre, strength)
-        tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    if augment != "none":
+        aug = train_augmentation(pre, augment)
+        tensor = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)  # cached arrays are read-only
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             views += [aug(tensor).permute(1, 2, 0).numpy() for _ in range(n)]

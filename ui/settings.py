@@ -92,7 +92,7 @@ def run_name(config) -> str:
     if cfg.hidden:
         parts.append(f"hidden {cfg.hidden}")
     if cfg.augment != "none":
-        parts.append(f"{cfg.augment} augmentation")
+        parts.append(f"{cfg.augmentation.label} augmentation")
     if cfg.epochs != default.epochs:
         parts.append(f"{cfg.epochs} epochs")
     if cfg.lr != default.lr:

@@ -132,7 +132,18 @@ HONOUR_SPLITS = _declare("ts_honour_splits", True, "Use the train/val/test folde
 PREVIEW_CLASS = _declare("ts_preview_class", None, "Class shown in the preview grid.")
 PREVIEW_PAGE = _declare("ts_preview_page", 1, "Page of the preview grid.", widget_owned=True)
 AUGMENT_PREVIEW_SEED = _declare("ts_augment_preview_seed", 0, "Seed of the augmentation preview (bumped to shuffle).")
-AUGMENT = _declare("ts_augment", "none", "Augmentation strength used in training: none, light or strong.")
+AUGMENT = _declare("ts_augment", "none", "Augmentation used in training: a preset (none, light, strong) or "
+                   "'op=strength,...' text (tl_core.training.Augmentation); the editor's sliders follow it.")
+USE_DATA_CAMERA = _declare("ts_data_use_camera", False, "Whether the Data page shows the camera for new images.")
+CAMERA_CLASS = _declare("ts_camera_class", None, "Class the camera shots go into (or the new-class choice).")
+CAMERA_NEW_CLASS = _declare("ts_camera_new_class", "", "Name typed for a new class of camera shots.")
+CAMERA_NONCE = _declare("ts_camera_nonce", 0, "Bumped after each shot: a fresh camera widget for the next one.")
+CAMERA_SHOTS = _declare("ts_camera_shots", [], "Paths of the camera shots taken in this session, oldest first.")
+AUGMENT_PRESET = _declare("ts_augment_preset", "none", "The augmentation preset shown (None for a custom mix).")
+AUGMENT_STRENGTH = {  # one slider per operation of tl_core.training.config.AUGMENT_OPS, in percent
+    op: _declare(f"ts_augment_{op}", 0, f"Strength of the '{op}' augmentation, 0-100%.")
+    for op in ("rotate", "crop", "flip", "vflip", "colour", "blur", "erase")
+}
 
 # --------------------------------------------------------------------------------------------------
 # Model page
@@ -182,3 +193,5 @@ PREDICT_RUN = _declare("ts_predict_run", None, "Run used for prediction and expo
 TOP_K = _declare("ts_top_k", 3, "How many classes each prediction lists.")
 SHOW_CAM = _declare("ts_show_cam", False, "Show heat maps next to predictions.")
 USE_CAMERA = _declare("ts_use_camera", False, "Whether the camera input is shown.")
+CAMERA_MODE = _declare("ts_camera_mode", "live", "Camera on Predict: live (predictions follow the stream) or snapshot.")
+LIVE_RESULT = _declare("ts_live_result", None, "The live preview's last prediction (pairs, unsure, frame number, fps).")

@@ -1,7 +1,8 @@
 """Step 5 of the data's path, batches: cached images become model inputs, augmented for training.
 
 :class:`ImageDataset` reads samples through the :class:`~.cache.ImageCache`; :func:`iter_batches` loads
-them in batches with a thread pool; :func:`train_augmentation` is the train-time random crop and flip.
+them in batches with a thread pool; :func:`train_augmentation` (from :mod:`tl_core.preprocess`) is the
+train-time augmentation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..preprocess import Preprocessing, center_crop, to_input
+from ..preprocess import Preprocessing, center_crop, to_input, train_augmentation  # noqa: F401 - re-exported by tl_core.data
 from .cache import ImageCache
 from .records import Sample
 
@@ -60,17 +61,6 @@ class ImageDataset(torch.utils.data.Dataset):
             img = self.augment(torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1))
             x = (img.float().div_(255.0) - self._mean) / self._std
         return x, self.class_to_idx[s.label]
-
-
-def train_augmentation(pre: Preprocessing, strength: str = "light") -> Callable[[torch.Tensor], torch.Tensor]:
-    """Random resized crop and horizontal flip (plus colour jitter for ``strong``), on uint8 tensors."""
-    from torchvision.transforms import v2
-
-    scale = {"light": (0.6, 1.0), "strong": (0.35, 1.0)}[strength]
-    ops = [v2.RandomResizedCrop(pre.input_size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
-    if strength == "strong":
-        ops.append(v2.ColorJitter(0.3, 0.3, 0.3, 0.05))
-    return v2.Compose(ops)
 
 
 def iter_batches(

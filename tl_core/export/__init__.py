@@ -10,6 +10,10 @@ load_bundle``):
 ``card``           2. describe: :func:`render_model_card` (``MODEL_CARD.md``)
 ``read``           3. load back and predict: :func:`read_metadata`, :func:`load_bundle`, :class:`Predictor`
 ``fidelity``       4. check: :func:`check_fidelity` (eager vs TorchScript vs ONNX)
+``web``            5. the web page: the bundle's static ``web/`` folder (onnxruntime-web, vendored in
+                   ``web_assets/``), :func:`write_web_folder`
+``tflite``         6. other formats: :func:`export_tflite` (TensorFlow Lite through the optional
+                   ``litert-torch``, checked with the LiteRT interpreter)
 =================  ================================================================================
 
 The stand-alone ``predict.py`` shipped in every bundle is ``tl_core/predict_template.py``.
@@ -25,6 +29,8 @@ A bundle is one ``.zip`` file:
 ``model.onnx``         ONNX; input ``input`` (N, 3, S, S) float32, output ``logits`` (N, C); any N
 ``MODEL_CARD.md``      for people: classes, data, metrics, confusion matrix, licence, limits
 ``predict.py``         stand-alone script that needs only onnxruntime, numpy and Pillow
+``web/``               a static web page (``index.html``, JS, onnxruntime-web, a copy of
+                       ``model.onnx``) that classifies photos or the webcam in any browser
 =====================  ==========================================================================
 
 ONNX exporter: first the TorchScript-based exporter on the TorchScript trace the bundle already
@@ -65,6 +71,8 @@ from .common import (
 )
 from .fidelity import check_fidelity
 from .read import Predictor, load_bundle, read_metadata
+from .tflite import export_tflite
+from .web import write_web_folder
 from .write import export_bundle, export_run, predict_script
 
 __all__ = [
@@ -92,8 +100,10 @@ __all__ = [
     "check_fidelity",
     "export_bundle",
     "export_run",
+    "export_tflite",
     "load_bundle",
     "predict_script",
     "read_metadata",
     "render_model_card",
+    "write_web_folder",
 ]

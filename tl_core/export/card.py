@@ -39,6 +39,27 @@ def _table(header: list[str], rows: Iterable[list[Any]]) -> list[str]:
     return lines
 
 
+def _augmentation_lines(train_config: dict) -> list[str]:
+    """The training images' augmentation, operation by operation, when the run recorded it."""
+    augment = train_config.get("augment")
+    if not augment or augment == "auto":
+        return []
+    from ..training.config import AUGMENT_OPS, Augmentation
+
+    try:
+        a = Augmentation.parse(augment)
+    except ValueError:
+        return ["", "## Augmentation", "", f"Recorded as `{augment}` (not understood by this version)."]
+    lines = ["", "## Augmentation", ""]
+    if not a.active:
+        return lines + ["None: the model saw each training image as it is (centre crop)."]
+    lines.append(f"Training saw randomly changed copies of the training images (`{a}`, the {a.label} setting):")
+    lines.append("")
+    lines += _table(["operation", "strength", "what it does at full strength"],
+                    [[op, f"{v:.0%}", AUGMENT_OPS[op]] for op, v in a.strengths().items() if v > 0])
+    return lines
+
+
 def render_model_card(meta: dict) -> str:
     """``MODEL_CARD.md`` for a bundle's metadata: what it does, what it saw, how well, and its limits."""
     names: list[str] = meta["class_names"]
@@ -83,6 +104,8 @@ def render_model_card(meta: dict) -> str:
             ],
         ],
     )
+
+    lines += _augmentation_lines(meta.get("train_config") or {})
 
     lines += ["", "## Data it saw", ""]
     if data:
@@ -171,6 +194,15 @@ def render_model_card(meta: dict) -> str:
         f"{pre['input_size']}) float32, output `{OUTPUT_NAME}` (N, {len(names)}); any batch size.",
         "- `predict.py`: `pip install onnxruntime numpy pillow`, then `python predict.py photo.jpg` in the unzipped "
         "folder, or `python predict.py --bundle model.zip photo.jpg`.",
+    ]
+    if meta.get("files", {}).get("web"):
+        lines.append(
+            "- `web/`: a web page that runs the model in the browser (ONNX Runtime Web, included; no server code, "
+            "nothing uploaded). It classifies chosen photos or the webcam. Serve the folder from any static web host, "
+            "or locally with `python -m http.server` inside it and open <http://localhost:8000> (browsers do not "
+            "load models from a page opened as a file)."
+        )
+    lines += [
         "",
         "Made with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and v != "not installed") + ".",
         "",

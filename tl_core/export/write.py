@@ -31,6 +31,7 @@ from ..model import TransferModel
 from ..preprocess import Preprocessing
 from ..storage import atomic_write, to_jsonable
 from .card import render_model_card
+from .web import WEB_DIR, web_files
 from .common import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -62,6 +63,7 @@ def export_bundle(
     class_counts: dict[str, int] | None = None,
     extra: dict | None = None,
     progress: Callable[[str, float], None] | None = None,
+    web: bool = True,
 ) -> Path:
     """Writes ``model`` and everything needed to use it into one zip file.
 
@@ -80,6 +82,8 @@ def export_bundle(
         class_counts: Training images per class.
         extra: Anything else to keep in ``model.json``.
         progress: Called with ``(step in words, share done)`` as the export goes (from this thread).
+        web: Include the ``web/`` folder (:mod:`.web`): a static page that runs the ONNX model in a
+            browser. It holds its own copy of ``model.onnx``, so the folder stands alone.
 
     Returns:
         The path written.
@@ -166,6 +170,7 @@ def export_bundle(
                     "onnx": ONNX_FILE,
                     "model_card": MODEL_CARD_FILE,
                     "predict": PREDICT_FILE,
+                    **({"web": f"{WEB_DIR}/index.html"} if web else {}),
                 },
                 "weights_aliases": aliases,
                 "onnx_exporter": exporter,
@@ -179,7 +184,11 @@ def export_bundle(
             MODEL_CARD_FILE: render_model_card(meta),
             PREDICT_FILE: predict_script(),
         }
-        _write_zip_atomically(out, texts, [tmp / WEIGHTS_FILE, tmp / TORCHSCRIPT_FILE, tmp / ONNX_FILE])
+        files = [tmp / WEIGHTS_FILE, tmp / TORCHSCRIPT_FILE, tmp / ONNX_FILE]
+        if web:
+            texts.update({f"{WEB_DIR}/{name}": data for name, data in web_files(meta).items()})
+            files.append((f"{WEB_DIR}/{ONNX_FILE}", tmp / ONNX_FILE))
+        _write_zip_atomically(out, texts, files)
     report("Done", 1.0)
     logger.info("exported %s (%d classes) to %s (%.1f MB)", spec.name, model.num_classes, out, out.stat().st_size / 1e6)
     return out
@@ -339,7 +348,8 @@ def _save_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> int | None:
     return opset_imports.get("")
 
 
-def _write_zip_atomically(out: Path, texts: dict[str, str], files: list[Path]) -> None:
+def _write_zip_atomically(out: Path, texts: dict[str, str | bytes], files: list[Path | tuple[str, Path]]) -> None:
+    """``texts`` are compressed; ``files`` (a path, or ``(name in the zip, path)``) are stored."""
     now = dt.datetime.now().timetuple()[:6]
 
     def entry(name: str, compress_type: int) -> zipfile.ZipInfo:
@@ -353,8 +363,9 @@ def _write_zip_atomically(out: Path, texts: dict[str, str], files: list[Path]) -
             for name, text in texts.items():
                 zf.writestr(entry(name, zipfile.ZIP_DEFLATED), text)
             for file in files:
+                name, file = file if isinstance(file, tuple) else (file.name, file)
                 # Float weights barely compress; storing them keeps export and loading fast.
-                info = entry(file.name, zipfile.ZIP_STORED)
+                info = entry(name, zipfile.ZIP_STORED)
                 info.file_size = file.stat().st_size  # lets zipfile choose ZIP64 only when needed
                 with open(file, "rb") as src, zf.open(info, "w") as dst:
                     shutil.copyfileobj(src, dst, 16 * 1024**2)

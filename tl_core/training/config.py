@@ -27,6 +27,118 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message explains why and what to try."""
 
 
+# --------------------------------------------------------------------------------------------------
+# Augmentation
+
+# The operations of the augmentation editor, in the order they are applied, with what a strength of 1
+# means (0 is always off). :func:`tl_core.preprocess.train_augmentation` builds them with torchvision's v2
+# transforms.
+AUGMENT_OPS: dict[str, str] = {
+    "rotate": "rotation by up to ±45°",
+    "crop": "scale and crop: a random part of down to a fifth of the image, stretched by up to 4:3",
+    "flip": "mirror left-right half the time",
+    "vflip": "turn upside down half the time",
+    "colour": "brightness, contrast and saturation by up to ±50%, hue by up to ±30°",
+    "blur": "Gaussian blur of up to 3 px (sigma) on half the images",
+    "erase": "blank out a random patch of up to a third of the image, on half the images",
+}
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What training does to each image: every operation of :data:`AUGMENT_OPS` with a strength in [0, 1].
+
+    Written as text in :attr:`TrainConfig.augment` (JSON-friendly, hashable, readable in a run's
+    config): a preset name (``none``, ``light``, ``strong``) or ``"op=strength,..."`` such as
+    ``"crop=0.5,flip=1,rotate=0.2"``. :meth:`parse` reads both; ``str()`` gives the canonical text,
+    the preset's name whenever the strengths are a preset's.
+    """
+
+    rotate: float = 0.0
+    crop: float = 0.0
+    flip: float = 0.0
+    vflip: float = 0.0
+    colour: float = 0.0
+    blur: float = 0.0
+    erase: float = 0.0
+
+    def __post_init__(self) -> None:
+        for op in AUGMENT_OPS:
+            v = getattr(self, op)
+            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"augmentation strength {op}={v!r} must be a number from 0 (off) to 1 (strongest)")
+            object.__setattr__(self, op, round(float(v), 4))
+
+    @classmethod
+    def parse(cls, text: str | Augmentation) -> Augmentation:
+        """A preset name or ``"op=strength,..."`` (missing operations are off).
+
+        Raises:
+            ValueError: for an unknown preset or operation, or a strength outside [0, 1].
+        """
+        if isinstance(text, Augmentation):
+            return text
+        text = str(text).strip()
+        if text in AUGMENT_PRESETS:
+            return AUGMENT_PRESETS[text]
+        values: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            op, sep, value = part.partition("=")
+            op = op.strip()
+            if not sep or op not in AUGMENT_OPS:
+                raise ValueError(
+                    f"augmentation {text!r} is not understood: use none, light or strong, or strengths such as "
+                    f"'crop=0.5,flip=1,rotate=0.2' (operations: {', '.join(AUGMENT_OPS)})"
+                )
+            try:
+                values[op] = float(value)
+            except ValueError:
+                raise ValueError(f"augmentation strength {part!r} is not a number from 0 to 1") from None
+        return cls(**values)
+
+    def __str__(self) -> str:
+        for name, preset in AUGMENT_PRESETS.items():
+            if preset.strengths() == self.strengths():
+                return name
+        return ",".join(f"{op}={v:g}" for op, v in self.strengths().items() if v > 0)
+
+    def strengths(self) -> dict[str, float]:
+        return {op: getattr(self, op) for op in AUGMENT_OPS}
+
+    @property
+    def active(self) -> bool:
+        return any(v > 0 for v in self.strengths().values())
+
+    @property
+    def label(self) -> str:
+        """The preset's name, or ``custom``."""
+        text = str(self)
+        return text if text in AUGMENT_PRESETS else "custom"
+
+    @property
+    def key(self) -> str:
+        """A short, file-name-safe name: the preset's, or ``custom-<hash>`` (feature-cache folders)."""
+        import hashlib
+
+        text = str(self)
+        if text in AUGMENT_PRESETS:
+            return text
+        return "custom-" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+    def describe(self) -> list[str]:
+        """One line per active operation, for people (the model card, the studio)."""
+        return [f"{op} {v:.0%}: {AUGMENT_OPS[op]}" for op, v in self.strengths().items() if v > 0]
+
+
+# The three presets of earlier versions, kept exactly (light: crop to 60-100% of the area and flip;
+# strong: crop to 35-100%, flip, colour jitter 0.3 and hue 0.05), so their cached features stay valid.
+AUGMENT_PRESETS: dict[str, Augmentation] = {
+    "none": Augmentation(),
+    "light": Augmentation(crop=0.5, flip=1.0),
+    "strong": Augmentation(crop=0.8125, flip=1.0, colour=0.6),
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run. Defaults suit a laptop CPU.
@@ -48,8 +160,10 @@ class TrainConfig:
         patience: Early stopping after this many epochs without a better validation loss (0: off).
         balance: ``auto`` (class weights when the largest class is 1.5x the smallest), ``weights``,
             ``sampler`` (balanced sampling) or ``none``.
-        augment: ``auto`` (``none`` on cached features, ``light`` when fine-tuning), ``none``, ``light``
-            (random crop + flip) or ``strong`` (also colour jitter).
+        augment: ``auto`` (``none`` on cached features, ``light`` when fine-tuning), a preset (``none``,
+            ``light``: random crop + flip, ``strong``: also colour jitter) or each operation's strength,
+            e.g. ``"crop=0.5,flip=1,rotate=0.2,blur=0.3"`` (see :class:`Augmentation`); stored in its
+            canonical text (a preset's name when the strengths are a preset's).
         views: Augmented views per image cached on the frozen path when ``augment`` is on.
         head_warmup: Fine-tuning a pretrained backbone (``partial``/``full``) first trains the new head
             for this many epochs on cached features (0: off), as fastai's ``fine_tune`` does: a random
@@ -78,7 +192,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     patience: int = 0
     balance: Literal["auto", "weights", "sampler", "none"] = "auto"
-    augment: Literal["auto", "none", "light", "strong"] = "auto"
+    augment: str = "auto"
     views: int = 4
     head_warmup: int = 20
     val_fraction: float = 0.2
@@ -100,6 +214,13 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.views < 1:
             raise ValueError("views must be at least 1")
+        if self.augment != "auto":
+            object.__setattr__(self, "augment", str(Augmentation.parse(self.augment)))
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """The augmentation as strengths (``auto`` resolved for this strategy)."""
+        return Augmentation.parse(self.resolved().augment)
 
     @property
     def cached_features(self) -> bool:

@@ -91,7 +91,7 @@ class FeatureCache:
 
     @staticmethod
     def view_key(config: TrainConfig, view: int) -> str:
-        return "center" if view == 0 else f"{config.augment}-s{config.seed}-v{view}"
+        return "center" if view == 0 else f"{config.augmentation.key}-s{config.seed}-v{view}"
 
     def _folder(self, key: str, view: str) -> Path:
         return self.directory / key / view
