@@ -339,16 +339,19 @@ def cmd_predict(args) -> int:
         results.append(entry)
     for start in range(0, len(good), 32):
         chunk = good[start : start + 32]
-        probs = torch.softmax(predictor.logits(torch.stack([x for _, x in chunk])), 1).numpy()
-        for (i, _), p in zip(chunk, probs):
+        probs, unsure = predictor.assess_batch(torch.stack([x for _, x in chunk]))
+        for n, ((i, _), p) in enumerate(zip(chunk, probs)):
             order = np.argsort(-p)[:k]
             results[i]["top"] = [{"label": predictor.class_names[j], "probability": float(p[j])} for j in order]
+            # True: unlike every class the model knows; None: the bundle has no calibration to tell.
+            results[i]["unsure"] = None if unsure is None else bool(unsure[n])
     lines = []
     for r in results:
         if "error" in r:
             lines.append(f"{r['file']}: skipped ({r['error']})")
         else:
-            lines.append(f"{r['file']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+            lines.append(f"{r['file']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
+                         + ("  (not sure: unlike every class)" if r.get("unsure") else ""))
     _emit(args, results, "\n".join(lines))
     return 0 if good else EXIT_USER_ERROR
 

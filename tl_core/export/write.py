@@ -32,6 +32,7 @@ from ..preprocess import Preprocessing
 from ..storage import atomic_write, to_jsonable
 from .card import render_model_card
 from .common import (
+    FEATURES_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
     INPUT_NAME,
@@ -61,6 +62,7 @@ def export_bundle(
     confusion: Sequence[Sequence[int]] | None = None,
     class_counts: dict[str, int] | None = None,
     extra: dict | None = None,
+    calibration: dict | None = None,
 ) -> Path:
     """Writes ``model`` and everything needed to use it into one zip file.
 
@@ -78,6 +80,8 @@ def export_bundle(
         confusion: Validation confusion matrix, rows true class, columns predicted, in class order.
         class_counts: Training images per class.
         extra: Anything else to keep in ``model.json``.
+        calibration: The run's temperature and "not sure" threshold
+            (:meth:`tl_core.calibration.Calibration.to_dict`); predictions from the bundle then use them.
 
     Returns:
         The path written.
@@ -95,6 +99,7 @@ def export_bundle(
     names = _check_class_names(class_names, model.num_classes)
     confusion_rows = _check_confusion(confusion, names)
     counts = _check_class_counts(class_counts, names)
+    calibration = _check_calibration(calibration, model)
     # Converted now, so a value JSON cannot hold fails before the slow export, not after it.
     try:
         described = to_jsonable(
@@ -105,6 +110,7 @@ def export_bundle(
                 "class_counts": counts,
                 "confusion_matrix": confusion_rows,
                 "extra": extra,
+                "calibration": calibration,
             }
         )
     except TypeError as exc:
@@ -144,7 +150,10 @@ def export_bundle(
                 "preprocessing": Preprocessing.from_spec(spec).to_dict(),
                 "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
                 "output": {"name": OUTPUT_NAME, "shape": ["batch", model.num_classes], "dtype": "float32",
-                           "meaning": "logits; softmax gives class probabilities"},
+                           "meaning": "logits; softmax gives class probabilities (of logits / "
+                                      "calibration.temperature when calibrated)"},
+                "features_output": {"name": FEATURES_NAME, "shape": ["batch", spec.feature_dim], "dtype": "float32",
+                                    "meaning": "pooled backbone features (ONNX only), for calibration's 'not sure'"},
                 "files": {
                     "weights": WEIGHTS_FILE,
                     "torchscript": TORCHSCRIPT_FILE,
@@ -191,6 +200,7 @@ def export_run(run, out: str | os.PathLike) -> Path:
     return export_bundle(
         load_model(run),
         out,
+        calibration=run.meta.get("calibration"),
         class_names=run.class_names,
         metrics=run.meta.get("metrics"),
         train_config=run.config,
@@ -198,6 +208,33 @@ def export_run(run, out: str | os.PathLike) -> Path:
         confusion=confusion,
         class_counts=(data.get("split_counts") or {}).get("train"),
     )
+
+
+def _check_calibration(calibration: dict | None, model: TransferModel) -> dict | None:
+    """The calibration as stored, checked against the model (it must load back, see :class:`Calibration`)."""
+    from ..calibration import Calibration
+
+    if calibration is None:
+        return None
+    if Calibration.from_dict(calibration, num_classes=model.num_classes) is None:
+        raise ValueError("the calibration does not fit the model (it needs a temperature, a threshold and one "
+                         f"centroid per class, {model.num_classes}); pass the run's calibration or none")
+    if len(calibration["centroids"][0]) != model.spec.feature_dim:
+        raise ValueError(f"the calibration's centroids have {len(calibration['centroids'][0])} features; "
+                         f"{model.spec.name} has {model.spec.feature_dim}")
+    return calibration
+
+
+class _LogitsAndFeatures(nn.Module):
+    """The model with its pooled features as a second output (ONNX: "not sure" needs them in predict.py)."""
+
+    def __init__(self, net: TransferModel):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.net.features(x)
+        return self.net.head(f), f
 
 
 def _check_confusion(confusion: Sequence[Sequence[int]] | None, names: list[str]) -> list[list[int]] | None:
@@ -266,11 +303,11 @@ def _save_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> int | None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             program = torch.onnx.export(
-                net,
+                _LogitsAndFeatures(net),
                 (example,),
                 dynamo=True,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[OUTPUT_NAME, FEATURES_NAME],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                 external_data=False,
                 verbose=False,

@@ -242,6 +242,8 @@ class FitResult:
         feature_seconds: Time spent computing backbone features (0 when all were cached).
         features_cached: Number of feature vectors read from the cache.
         device: Device used.
+        calibration: Temperature and "not sure" threshold fitted on validation
+            (:meth:`tl_core.calibration.Calibration.to_dict`), or ``None``.
     """
 
     model: TransferModel
@@ -258,6 +260,7 @@ class FitResult:
     feature_seconds: float
     features_cached: int
     device: str
+    calibration: dict | None = None
 
     def summary(self) -> dict:
         m = self.evaluation.metrics()
