@@ -113,3 +113,60 @@ def test_pairs_compare_whole_views_with_crops():
     assert len(hashes[0]) == 16 * 6
     pairs = near_duplicate_pairs(hashes)
     assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Likely label errors: 5% of the labels flipped, on real photos and the real backbone
+
+
+@pytest.fixture(scope="module")
+def flipped(tmp_path_factory) -> tuple[Path, set[str]]:
+    """The bundled ants/bees photos (400, real) in class folders, 5% of them (20) filed under the wrong class.
+
+    Returns the folder and the relpaths of the flipped images.
+    """
+    root = tmp_path_factory.mktemp("flipped") / "data"
+    photos = sorted(SAMPLE.rglob("*.jpg")) + sorted(SAMPLE.rglob("*.png")) + sorted(SAMPLE.rglob("*.gif"))
+    rng = np.random.default_rng(0)
+    flip = set(rng.choice(len(photos), round(0.05 * len(photos)), replace=False).tolist())
+    moved = set()
+    for i, p in enumerate(photos):
+        label = p.parent.name
+        if i in flip:
+            label = {"ants": "bees", "bees": "ants"}[label]
+            moved.add(f"{label}/{p.parent.parent.name}_{p.name}")
+        (root / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, root / label / f"{p.parent.parent.name}_{p.name}")
+    return root, moved
+
+
+def test_flipped_labels_are_ranked_first(flipped):
+    from tl_core.data.quality import check_labels
+
+    root, moved = flipped
+    data = load_dataset(root)
+    seen = []
+    check = check_labels(data, progress=seen.append)
+    assert check is not None and check.num_images == len(data.samples)
+    assert seen and seen[-1].fraction <= 1 and any("features" in p.message for p in seen)
+    k = 2 * len(moved)
+    top = {i.relpath for i in check.issues[:k]}
+    found = len(top & moved) / len(moved)
+    assert found >= 0.6, f"only {found:.0%} of the flipped images are among the top {k} flagged"
+    first = check.issues[0]
+    assert first.given != first.suggested and 0 <= first.label_quality <= 1
+    assert [i.label_quality for i in check.issues] == sorted(i.label_quality for i in check.issues)
+
+
+def test_inspect_json_lists_label_issues_and_near_duplicates(flipped, with_copies):
+    from test_cli import cli, last_json
+
+    root, moved = flipped
+    payload = last_json(cli("inspect", root, "--json"))
+    issues = payload["label_issues"]
+    assert issues and {"relpath", "given", "suggested", "label_quality"} <= set(issues[0])
+    assert len({i["relpath"] for i in issues[: 2 * len(moved)]} & moved) >= 0.6 * len(moved)
+    quick = last_json(cli("inspect", with_copies[0], "--json", "--quick"))
+    assert quick["label_issues"] is None
+    assert len(quick["near_duplicates"]) >= len(with_copies[1])
+    assert quick["near_duplicate_counts"]["within_class"] == len(quick["near_duplicates"])

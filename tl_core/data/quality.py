@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
@@ -149,3 +150,174 @@ def duplicate_groups(samples: Sequence[Sample], near: Sequence[NearDuplicate] = 
         if i is not None and j is not None:
             union(i, j)
     return np.array([find(i) for i in range(len(samples))], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Likely label errors
+
+
+@dataclass(frozen=True)
+class LabelIssue:
+    """An image whose given label the data contradicts.
+
+    Attributes:
+        path: The file.
+        relpath: Its path shown to people.
+        given: The label it has.
+        suggested: The class the out-of-fold prediction favours.
+        label_quality: cleanlab's label quality score (the out-of-fold probability of the given label):
+            0 is surely wrong, 1 surely right. Issues are ranked by it, lowest first.
+        suggested_probability: The out-of-fold probability of ``suggested``.
+    """
+
+    path: str
+    relpath: str
+    given: str
+    suggested: str
+    label_quality: float
+    suggested_probability: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LabelCheck:
+    """The result of :func:`check_labels`.
+
+    Attributes:
+        issues: Likely label errors, most likely first.
+        num_images: Images checked.
+        backbone: Whose features the out-of-fold head saw.
+        seconds: Time taken.
+        out_of_fold_accuracy: Accuracy of the out-of-fold predictions (how well the features separate the
+            classes: the lower, the more issues are doubtful rather than wrong).
+    """
+
+    issues: list[LabelIssue]
+    num_images: int
+    backbone: str
+    seconds: float
+    out_of_fold_accuracy: float
+
+    def to_dict(self) -> dict:
+        return {
+            "issues": [i.to_dict() for i in self.issues],
+            "num_images": self.num_images,
+            "backbone": self.backbone,
+            "seconds": round(self.seconds, 2),
+            "out_of_fold_accuracy": round(self.out_of_fold_accuracy, 4),
+        }
+
+
+def rank_label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices of likely label errors, most likely first; label quality score of every image)``.
+
+    cleanlab's confident learning (``find_label_issues``, pruned by the estimated noise rate) decides
+    which images are issues; its self-confidence score ranks them.
+    """
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    labels = np.asarray(labels, dtype=np.int64)
+    pred_probs = np.asarray(pred_probs, dtype=np.float64)
+    pred_probs = pred_probs / pred_probs.sum(axis=1, keepdims=True)
+    scores = get_label_quality_scores(labels, pred_probs, method="self_confidence")
+    flagged = np.flatnonzero(cleanlab_issues(labels, pred_probs, filter_by="prune_by_noise_rate"))
+    return flagged[np.argsort(scores[flagged], kind="stable")], scores
+
+
+def find_label_issues(
+    samples: Sequence[Sample],
+    features: np.ndarray,
+    classes: Sequence[str],
+    *,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> tuple[list[LabelIssue], float]:
+    """Likely label errors among ``samples`` from their backbone ``features``, and the out-of-fold accuracy.
+
+    The probabilities come from :func:`tl_core.training.head.out_of_fold_probs`: each image is predicted
+    by the cross-validated frozen head fitted on the other folds, so no image vouches for its own label.
+
+    Raises:
+        ValueError: for fewer than two classes with images.
+    """
+    from ..training.head import out_of_fold_probs
+
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[s.label] for s in samples], dtype=np.int64)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("checking labels needs images of at least two classes")
+    probs = out_of_fold_probs(features, labels, n_classes=len(classes), seed=seed, progress=progress)
+    order, scores = rank_label_issues(labels, probs)
+    accuracy = float((probs.argmax(axis=1) == labels).mean())
+    issues = []
+    for i in order.tolist():
+        p = probs[i].copy()
+        p[labels[i]] = -1.0
+        best = int(p.argmax())
+        issues.append(LabelIssue(samples[i].path, samples[i].relpath, samples[i].label, classes[best],
+                                 float(scores[i]), float(probs[i, best])))
+    return issues, accuracy
+
+
+def check_labels(
+    data,
+    *,
+    backbone: str = "efficientnet_lite0",
+    pretrained_module=None,
+    seed: int = 0,
+    image_cache=None,
+    feature_cache=None,
+    device: str = "auto",
+    progress: Callable | None = None,
+    stop=None,
+) -> LabelCheck | None:
+    """Finds likely label errors in a whole :class:`~.records.ImageSet` (every image, every split).
+
+    Pretrained features of every image are computed once and cached (:mod:`tl_core.training.features`,
+    shared with training: a later frozen training computes none), then :func:`find_label_issues` runs.
+
+    Args:
+        data: The dataset.
+        backbone: Whose ImageNet features to use.
+        pretrained_module: An already-built ImageNet network of ``backbone`` (the app's shared one).
+        seed: Seeds the folds.
+        image_cache: Decoded-image cache (default: the user cache folder).
+        feature_cache: Feature cache (default: the user cache folder).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        progress: Receives :class:`tl_core.experiments.Progress` (fraction, message, seconds left).
+        stop: A ``threading.Event``; when set, this returns ``None`` between batches.
+
+    Raises:
+        ValueError: for fewer than two classes with images.
+    """
+    import time
+
+    from ..experiments.common import Progress, _prepare_features
+    from ..training import FeatureCache, TrainConfig
+    from .cache import ImageCache
+
+    t0 = time.perf_counter()
+    samples = list(data.samples)
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            el = time.perf_counter() - t0
+            eta = el / fraction * (1 - fraction) if fraction > 0.02 else None
+            progress(Progress(fraction=0.95 * fraction, message=message, eta_seconds=eta, step="features",
+                              done=0, total=2))
+
+    cfg = TrainConfig(backbone=backbone, strategy="frozen", device=device, augment="none")
+    feats = _prepare_features(
+        samples, cfg, pretrained_module, image_cache or ImageCache(), feature_cache or FeatureCache(),
+        len(data.classes), report, stop,
+    )
+    if feats is None:
+        return None
+    if progress is not None:
+        progress(Progress(fraction=0.95, message="Cross-validating the head and ranking the labels",
+                          eta_seconds=None, step="labels", done=1, total=2))
+    issues, accuracy = find_label_issues(samples, feats, data.classes, seed=seed)
+    return LabelCheck(issues, len(samples), backbone, time.perf_counter() - t0, accuracy)
