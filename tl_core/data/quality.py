@@ -316,8 +316,16 @@ def check_labels(
     )
     if feats is None:
         return None
-    if progress is not None:
-        progress(Progress(fraction=0.95, message="Cross-validating the head and ranking the labels",
-                          eta_seconds=None, step="labels", done=1, total=2))
-    issues, accuracy = find_label_issues(samples, feats, data.classes, seed=seed)
+    t_cv = time.perf_counter()
+
+    def cv_progress(done: int, total: int) -> None:
+        if progress is not None:
+            el = time.perf_counter() - t_cv
+            eta = el / done * (total - done) if done else None
+            progress(Progress(fraction=0.95 + 0.05 * done / max(total, 1), eta_seconds=eta, step="labels",
+                              message=f"Cross-validating the head ({done}/{total} fits) to rank the labels",
+                              done=1, total=2))
+
+    cv_progress(0, 1)
+    issues, accuracy = find_label_issues(samples, feats, data.classes, seed=seed, progress=cv_progress)
     return LabelCheck(issues, len(samples), backbone, time.perf_counter() - t0, accuracy)
