@@ -193,7 +193,7 @@ def test_onnx_is_one_self_contained_file(lite0):
     proto = onnx.load_model_from_string(_members(lite0[1])["model.onnx"])
     external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert not external
-    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits", "features"]
 
 
 def test_round_trip_predictions_equal_eager(lite0, loaded, images):

@@ -22,7 +22,7 @@ from ..preprocess import Preprocessing
 logger = logging.getLogger(__name__)
 
 #: Training images per class whose features place the class centroid of a fine-tuned model.
-MAX_TRAIN_PER_CLASS = 100
+MAX_TRAIN_PER_CLASS = 50
 
 
 def model_outputs(
