@@ -170,3 +170,19 @@ def test_inspect_json_lists_label_issues_and_near_duplicates(flipped, with_copie
     assert quick["label_issues"] is None
     assert len(quick["near_duplicates"]) >= len(with_copies[1])
     assert quick["near_duplicate_counts"]["within_class"] == len(quick["near_duplicates"])
+
+
+def test_a_copy_in_another_class_is_a_health_warning(tmp_path):
+    from ui.report import findings
+
+    root = tmp_path / "data"
+    for label in ("ants", "bees"):
+        (root / label).mkdir(parents=True)
+        for p in sorted((SAMPLE / "train" / label).glob("*.jpg"))[:6]:
+            shutil.copy(p, root / label / p.name)
+    ant = sorted((SAMPLE / "train" / "ants").glob("*.jpg"))[0]
+    (root / "bees" / "copy.jpg").write_bytes(_copies(ant)["half"])
+    report = load_dataset(root).report
+    assert [p.kind for p in report.near_duplicates] == ["cross_class"]
+    warned = [f for f in findings(report) if "two different classes (near-duplicates)" in f.title]
+    assert warned and warned[0].level == "warning" and len(warned[0].files) == 1
