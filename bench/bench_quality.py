@@ -18,6 +18,7 @@ Usage: ``python bench/bench_quality.py DATASET [DATASET ...] [--seeds 3] [--skip
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ def unsure_table(paths: list[Path], seed: int) -> None:
     feats = {name: features_of(d.samples) for name, d in sets.items()}
     print("\n(a) share flagged 'not sure' (ours: distance to class centroids | baseline: calibrated max-probability)")
     others = list(sets)
-    print(f"{'model trained on':<16} {'T':>5} {'val':>11} {'held-out test':>15} " + " ".join(f"{o:>17}" for o in others))
+    print(f"{'model trained on':<16} {'T':>5} {'val':>11} {'held-out test':>15} "
+          + " ".join(f"{o:>17}" for o in others))
     for name, data in sets.items():
         t0 = time.perf_counter()
         splits = split_dataset(data, val_fraction=0.2, test_fraction=0.2, seed=seed, honour_splits=False)
@@ -94,7 +96,7 @@ def label_table(paths: list[Path], seeds: int) -> None:
             flip = rng.choice(n, round(0.05 * n), replace=False)
             y2 = y.copy()
             y2[flip] = (y[flip] + rng.integers(1, c, len(flip))) % c
-            samples = [s.__class__(**{**s.__dict__, "label": data.classes[int(y2[i])]}) for i, s in enumerate(data.samples)]
+            samples = [dataclasses.replace(s, label=data.classes[int(y2[i])]) for i, s in enumerate(data.samples)]
             t0 = time.perf_counter()
             issues, _ = find_label_issues(samples, f, data.classes, seed=seed)
             secs.append(time.perf_counter() - t0)

@@ -125,6 +125,11 @@ def test_the_run_and_the_bundle_carry_the_calibration(trained):
 
     assert read_metadata(bundle)["calibration"]["temperature"] == cal["temperature"]
     assert load_bundle(bundle).calibration is not None
+    import zipfile
+
+    with zipfile.ZipFile(bundle) as zf:
+        card = zf.read("MODEL_CARD.md").decode()
+    assert "**not sure**" in card and "`features`" in card
 
 
 def test_predict_flags_images_unlike_every_class(trained):

@@ -163,7 +163,10 @@ def fit_calibration(
     )
     t = fit_temperature(val_logits, val_labels)
     scores = outlier_scores(val_features, centroids)
-    threshold = _conformal_quantile(scores, rate) if len(scores) else float(outlier_scores(train_features, centroids).max())
+    if len(scores):
+        threshold = _conformal_quantile(scores, rate)
+    else:
+        threshold = float(outlier_scores(train_features, centroids).max())
 
     def nll(temp: float) -> float:
         if not len(val_labels):

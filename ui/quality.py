@@ -95,7 +95,8 @@ def label_issues(ws, data, backbone: str) -> None:
     if not check.issues:
         st.success(f"No likely label errors among {check.num_images:,} images.", icon=":material/check_circle:")
         return
-    st.warning(f"{len(check.issues)} of {check.num_images:,} images may be mislabelled, most likely first. Look at each: "
+    st.warning(f"{len(check.issues)} of {check.num_images:,} images may be mislabelled, most likely first. "
+               "Look at each: "
                "move it to the right class folder, or delete it if it belongs to none.", icon=":material/warning:")
     shown = check.issues[:MAX_SHOWN * 2]
     for start in range(0, len(shown), 6):

@@ -4,7 +4,8 @@
   (:func:`perceptual_hash`: ``imagehash.phash``, a 64-bit DCT hash of a 32x32 greyscale thumbnail, of the
   whole image and of five 90% crops, centre and corners). A phash survives resizing and re-encoding but not
   cropping; comparing one image's whole view with the other's crops catches copies cropped by up to about
-  8% too. :func:`find_near_duplicates` pairs images within :data:`NEAR_DUPLICATE_BITS` bits, and :func:`duplicate_groups` joins pairs and
+  8% too. :func:`find_near_duplicates` pairs images within :data:`NEAR_DUPLICATE_BITS` bits, and
+  :func:`duplicate_groups` joins pairs and
   byte-identical copies into groups, which :func:`tl_core.data.split_dataset` keeps inside one split so no
   copy leaks from training into validation.
 - **Likely label errors.** :func:`find_label_issues` feeds out-of-fold probabilities (each image predicted
@@ -35,7 +36,9 @@ NEAR_DUPLICATE_BITS = 8
 
 #: The views hashed, as (left, top, right, bottom) fractions: the whole image, then 90% crops (centre,
 #: the four corners). The whole view comes first.
-HASH_BOXES = ((0, 0, 1, 1), (0.05, 0.05, 0.95, 0.95), (0, 0, 0.9, 0.9), (0.1, 0, 1, 0.9), (0, 0.1, 0.9, 1), (0.1, 0.1, 1, 1))
+HASH_BOXES = (
+    (0, 0, 1, 1), (0.05, 0.05, 0.95, 0.95), (0, 0, 0.9, 0.9), (0.1, 0, 1, 0.9), (0, 0.1, 0.9, 1), (0.1, 0.1, 1, 1)
+)
 
 
 def perceptual_hash(image: Image.Image) -> str:

@@ -154,7 +154,8 @@ def render_model_card(meta: dict) -> str:
     if isinstance(cal, dict) and "temperature" in cal:
         rate = cal.get("val_unsure_rate")
         limits.append(
-            f"Probabilities are calibrated on the validation images (temperature scaling, T = {cal['temperature']:.3g}). "
+            "Probabilities are calibrated on the validation images "
+            f"(temperature scaling, T = {cal['temperature']:.3g}). "
             "A photo unlike every class (its features far from every class's centre) is marked **not sure**"
             + (f"; {rate:.0%} of the validation images were" if isinstance(rate, (int, float)) else "")
             + ". Treat such predictions as unknown."
