@@ -5,13 +5,16 @@
     "not sure" among the validation images (calibration set), the held-out test images (in distribution,
     never seen) and every image of each *other* dataset (out of distribution). Baseline: the temperature-
     scaled maximum probability, flagged below the threshold that flags the same 5% of validation images.
+(c) **Hashing cost.** The health check's wall time with the perceptual hashes against the same check with
+    hashing switched off (best of 3 each), and the pair search alone.
 (b) **Label errors.** For each dataset and seed: 5% of the labels flipped to another class; the share of
     flipped images among the top k flagged (k = twice the number flipped) by :func:`find_label_issues`,
     against chance (k / images: a random ranking).
 
 Features are the shared cached EfficientNet-Lite0 features, so a second run computes none.
 
-Usage: ``python bench/bench_quality.py DATASET [DATASET ...] [--seeds 3] [--skip-labels] [--skip-unsure]``
+Usage: ``python bench/bench_quality.py DATASET [DATASET ...] [--seeds 3] [--skip-labels] [--skip-unsure]
+[--skip-hashing]``
 (e.g. the folders of ``../shared/datasets``).
 """
 
@@ -34,7 +37,7 @@ from tl_core.calibration import Calibration, UNSURE_RATE, softmax  # noqa: E402
 from tl_core.data import ImageCache, load_dataset, split_dataset  # noqa: E402
 from tl_core.data.quality import find_label_issues  # noqa: E402
 from tl_core.model import build_model  # noqa: E402
-from tl_core.preprocess import Preprocessing  # noqa: E402
+from tl_core.preprocess import Preprocessing, decode_image  # noqa: E402
 from tl_core.training import FeatureCache, TrainConfig, compute_features, fit  # noqa: E402
 
 
@@ -107,6 +110,33 @@ def label_table(paths: list[Path], seeds: int) -> None:
               + f" {np.mean(found):>7.1%} {chance:>7.1%} {np.mean(found) / chance:>5.1f}x {np.mean(secs):>8.2f}")
 
 
+def hashing_table(paths: list[Path]) -> None:
+    import tl_core.data.health as health
+    from tl_core.data.quality import near_duplicate_pairs
+
+    print("\n(c) health check with and without near-duplicate hashes (best of 3)")
+    print(f"{'dataset':<16} {'images':>7} {'with (s)':>9} {'without (s)':>12} {'ratio':>6} {'pairs (s)':>10}")
+    real = health.perceptual_hash
+    for p in paths:
+        times = {}
+        for mode in ("without", "with"):
+            health.perceptual_hash = real if mode == "with" else (lambda image: None)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                data = load_dataset(p)
+                best = min(best, time.perf_counter() - t0)
+            times[mode] = best
+        health.perceptual_hash = real
+        hashes = [real(decode_image(s.path, draft_size=32)[0])
+                  for s in data.samples]
+        t0 = time.perf_counter()
+        near_duplicate_pairs(hashes)
+        pairs = time.perf_counter() - t0
+        print(f"{p.name:<16} {len(data.samples):>7} {times['with']:>9.2f} {times['without']:>12.2f} "
+              f"{times['with'] / times['without']:>5.2f}x {pairs:>10.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("datasets", nargs="+", type=Path, help="dataset folders (class folders or split folders)")
@@ -114,10 +144,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the split for (a)")
     ap.add_argument("--skip-labels", action="store_true")
     ap.add_argument("--skip-unsure", action="store_true")
+    ap.add_argument("--skip-hashing", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     if not args.skip_unsure:
         unsure_table(args.datasets, args.seed)
+    if not args.skip_hashing:
+        hashing_table(args.datasets)
     if not args.skip_labels:
         label_table(args.datasets, args.seeds)
 

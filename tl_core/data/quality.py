@@ -50,6 +50,11 @@ def perceptual_hash(image: Image.Image) -> str:
     """
     import imagehash
 
+    # One small greyscale copy serves all six views (phash takes greyscale 32x32 anyway): a third of the cost.
+    image = image.convert("L")
+    if max(image.size) > 128:
+        image = image.copy()
+        image.thumbnail((128, 128), Image.Resampling.BILINEAR)
     w, h = image.size
     views = [image.crop((round(a * w), round(b * h), round(c * w), round(d * h))) for a, b, c, d in HASH_BOXES]
     return "".join(str(imagehash.phash(v)) for v in views)
