@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from tl_core.data import DataError, Limits
-from ui import augment, camera, session, state
+from ui import augment, camera, quality, session, state
 from ui.cache import thumb
 from ui.datasets import (
     add_batch,
@@ -196,6 +196,8 @@ with health:
             if f.files is not None and len(f.files):
                 with st.expander(f"Show the {len(f.files)} files"):
                     st.dataframe(f.files, hide_index=True, key=f"data_finding_files_{i}")
+    quality.near_duplicates(data)
+    quality.label_issues(ws, data, state.BACKBONE.get())
 
 with browse:
     classes = data.classes

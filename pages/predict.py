@@ -42,7 +42,7 @@ if state.PREDICT_SOURCE.get() == "run":
                                        f"{by_id[r].created[:10]} {by_id[r].created[11:19]}")
     run = by_id[state.PREDICT_RUN.get()]
     try:
-        predictor = Predictor.from_model(ws.model(run.run_id), run.class_names)
+        predictor = Predictor.from_model(ws.model(run.run_id), run.class_names, calibration=run.meta.get("calibration"))
         model_key = run.run_id
     except (RunError, BundleError, ValueError) as exc:
         show_error(str(exc))
@@ -104,18 +104,23 @@ if predictor is not None:
         with st.container(border=True):
             cols = st.columns([2, 3, 2] if state.SHOW_CAM.get() else [2, 5])
             try:
-                pairs = predictor.predict([raw], top_k=k)[0]
+                verdict = predictor.assess([raw], top_k=k)[0]
+                pairs = verdict["top"]
             except ImageDecodeError as exc:
                 cols[0].text(name)
                 cols[1].warning(md_escape(f"{name} cannot be read: {exc}. It was skipped."), icon=":material/warning:")
                 continue
             cols[0].image(raw, caption=md_escape(name), width="stretch")
             with cols[1]:
-                label, p = camera.pairs_of(pairs)[0]
-                flag = " · :orange-badge[not sure]" if camera.unsure_flag(pairs) else ""
-                st.markdown(f"**{md_escape(label)}** · {p:.0%} sure{flag}")
-                st.plotly_chart(top_k(camera.pairs_of(pairs)), key=f"predict_topk_{name}_{hash(raw)}",
-                                config={"displayModeBar": False})
+                label, p = pairs[0]
+                if verdict["unsure"]:
+                    st.markdown(f"**Not sure** · closest: {md_escape(label)} ({p:.0%})")
+                    st.warning("This photo looks unlike every class the model knows, so treat the label as unknown. "
+                               "If it belongs to a class, add photos like it to that class and train again.",
+                               icon=":material/help:")
+                else:
+                    st.markdown(f"**{md_escape(label)}** · {p:.0%} sure")
+                st.plotly_chart(top_k(pairs), key=f"predict_topk_{name}_{hash(raw)}", config={"displayModeBar": False})
             if state.SHOW_CAM.get() and cam.AVAILABLE:
                 try:
                     with cols[2], st.spinner("Heat map…"):
@@ -180,6 +185,7 @@ if run is not None and predictor is not None:
                 data_summary=run.meta.get("data"),
                 confusion=confusion,
                 class_counts=train_counts,
+                calibration=run.meta.get("calibration"),
             ).start()
 
         st.button("Prepare the bundle", icon=":material/inventory_2:", key="predict_export", type="primary",

@@ -119,15 +119,15 @@ class _FakePredictor:
     def __init__(self, result):
         self.result, self.seen = result, []
 
-    def predict(self, images, top_k):
+    def assess(self, images, top_k):
         self.seen.append((images, top_k))
         Image.open(io.BytesIO(images[0])).verify()  # a real JPEG arrived
         return [self.result]
 
 
 @pytest.mark.parametrize("result, unsure", [
-    ({"top": [("cat", 0.52), ("dog", 0.48)], "unsure": True}, True),  # a result carrying the flag
-    ([("cat", 0.97), ("dog", 0.03)], None),  # today's (class, probability) pairs: no flag
+    ({"top": [("cat", 0.52), ("dog", 0.48)], "unsure": True}, True),  # unlike every class
+    ({"top": [("cat", 0.97), ("dog", 0.03)], "unsure": None}, None),  # a model without calibration: no flag
 ])
 def test_live_frame_is_predicted_and_acknowledged(monkeypatch, result, unsure):
     import streamlit

@@ -68,7 +68,27 @@ def bundle(tmp_path_factory) -> Path:
     with torch.no_grad():  # a confident head, so top-1 is never a near tie
         for p in model.head.parameters():
             p.mul_(8.0)
-    return export_bundle(model, tmp_path_factory.mktemp("web") / "model.zip", class_names=CLASSES)
+    return export_bundle(model, tmp_path_factory.mktemp("web") / "model.zip", class_names=CLASSES,
+                         calibration=_calibration(model, tmp_path_factory.mktemp("photos")))
+
+
+def _calibration(model, folder: Path) -> dict:
+    """A temperature and class centroids whose "not sure" threshold splits the test photos in two, in the
+    widest gap between their scores (so float noise between the browser and Python cannot flip one)."""
+    from tl_core.calibration import Calibration, outlier_scores
+    from tl_core.preprocess import Preprocessing, preprocess
+
+    pre = Preprocessing.from_spec(model.spec)
+
+    def features(paths) -> np.ndarray:
+        with torch.no_grad():
+            return model.eval().features(torch.stack([preprocess(p, pre) for p in paths])).numpy()
+
+    ants, bees = sorted((VAL / "ants").glob("*.jpg")), sorted((VAL / "bees").glob("*.jpg"))
+    centroids = np.stack([features(ants[3:8]).mean(0), features(bees[3:8]).mean(0), features(ants[8:9])[0]])
+    scores = np.sort(outlier_scores(features(_photos(folder)), centroids))
+    gap = int(np.argmax(np.diff(scores[1:-1]))) + 1  # never above all or below all of them
+    return Calibration(1.7, centroids, float(scores[gap:gap + 2].mean())).to_dict()
 
 
 def test_bundle_holds_a_standalone_web_folder(bundle, tmp_path):
@@ -170,22 +190,26 @@ def _open(chromium, url: str):
 @pytest.mark.browser
 def test_web_page_matches_predict(served, bundle, chromium, tmp_path):
     photos = _photos(tmp_path / "photos")
-    expected = load_bundle(bundle).predict_proba(photos)
+    predictor = load_bundle(bundle)
+    expected = predictor.predict_proba(photos)
+    unsure = [v["unsure"] for v in predictor.assess(photos)]
+    assert any(unsure) and not all(unsure), "the calibration flags some photos, not all"
 
     page, requests, errors = _open(chromium, served)
     try:
         page.set_input_files("#files", [str(p) for p in photos])
         page.wait_for_function(f"document.getElementById('done').textContent === '{len(photos)}'", timeout=120_000)
         got = {el.get_attribute("data-name"): (json.loads(el.get_attribute("data-probs")),
-                                               el.get_attribute("data-top1"))
+                                               el.get_attribute("data-top1"), json.loads(el.get_attribute("data-unsure")))
                for el in page.query_selector_all("#results .result")}
         page.screenshot(path=str(tmp_path / "web_page.png"), full_page=True)
     finally:
         page.close()
     assert not errors, errors
     assert sorted(got) == sorted(p.name for p in photos)
-    for photo, want in zip(photos, expected):
-        probs, top1 = got[photo.name]
+    for photo, want, flag in zip(photos, expected, unsure):
+        probs, top1, web_flag = got[photo.name]
+        assert web_flag is flag, (photo.name, "the page's 'not sure' differs from predict's")
         assert np.argmax(probs) == np.argmax(want) and top1 == CLASSES[int(np.argmax(want))], (photo.name, probs, want)
         assert np.abs(np.asarray(probs) - want).max() <= PROB_TOL, (photo.name, probs, want.tolist())
     # Everything came from the served folder: no other host, no CDN.

@@ -13,6 +13,7 @@ Where each step of the data's path lives (each package's docstring goes one leve
 ``model``           the transfer model: new head, freezing by named stage, batch-norm policy
 ``training``        :func:`fit` and its phases, cached features, callbacks
 ``evaluation``      metrics, confusion matrices, mistakes, the embedding map, as data
+``calibration``     temperature scaling and "not sure" (distance to class centroids), fitted on validation
 ``explain``         Grad-CAM and friends
 ``runs``            the run store
 ``export``          self-describing bundles: write, model card, load and predict, fidelity checks

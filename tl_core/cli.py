@@ -129,6 +129,10 @@ def cmd_inspect(args) -> int:
     payload = r.to_dict()
     payload["skipped"] = [{"file": s.path, "reason": s.reason, "detail": s.detail} for s in r.skipped]
     payload["duplicates"] = [{"kind": d.kind, "files": [f[0] for f in d.files]} for d in r.duplicates]
+    payload["near_duplicates"] = [
+        {"kind": p.kind, "distance": p.distance, "files": [f[0] for f in p.files]} for p in r.near_duplicates
+    ]
+    payload["label_issues"], label_note = _label_issues(data, args)
     lines = [f"{r.source}: {r.num_images} images in {len(r.classes)} classes ({r.layout} layout)"]
     for c in r.classes:
         by_split = ", ".join(f"{s} {r.split_counts[s][c]}" for s in r.split_counts) if r.split_counts else ""
@@ -141,12 +145,44 @@ def cmd_inspect(args) -> int:
         groups = r.duplicates_of(kind)
         if groups:
             lines.append(f"{len(groups)} images {label}: " + "; ".join(" = ".join(f[0] for f in g.files) for g in groups[:3]))
+    near = r.near_duplicates
+    if near:
+        lines.append(f"{len(near)} pairs of near-duplicates (resized, re-encoded or cropped copies; a random split keeps "
+                     "each group together): " + "; ".join(" ~ ".join(f[0] for f in p.files) for p in near[:3]))
+    issues = payload["label_issues"]
+    if issues:
+        lines.append(f"{len(issues)} images may be mislabelled (most likely first):")
+        lines += [f"  {i['relpath']}: labelled {i['given']}, looks like {i['suggested']} "
+                  f"(label quality {i['label_quality']:.2f})" for i in issues[:10]]
+    elif label_note:
+        lines.append(label_note)
     if r.too_small:
         lines.append("classes too small to split: " + ", ".join(r.too_small))
     lines += r.notes
     # Names come from the upload: never let one drive the terminal (escape codes, control characters).
     _emit(args, payload, "\n".join(plain_text(line) for line in lines))
     return 0
+
+
+def _label_issues(data, args) -> tuple[list[dict] | None, str]:
+    """``(likely label errors as dicts, or None when not checked; a note for people)``."""
+    if args.quick:
+        return None, "labels not checked (--quick)"
+    from .data.quality import check_labels
+
+    def progress(p) -> None:
+        eta = f", about {p.eta_seconds:.0f} s left" if p.eta_seconds else ""
+        print(f"label check: {p.message}{eta}", file=sys.stderr, flush=True)
+
+    try:
+        check = check_labels(data, backbone=args.backbone, progress=progress)
+    except ValueError as exc:
+        return None, f"labels not checked: {exc}"
+    if check is None:
+        return None, "labels not checked"
+    note = (f"no likely label errors among {check.num_images} images (out-of-fold accuracy "
+            f"{check.out_of_fold_accuracy:.3f})")
+    return [i.to_dict() for i in check.issues], note
 
 
 def _train_config(args):
@@ -379,16 +415,19 @@ def cmd_predict(args) -> int:
         results.append(entry)
     for start in range(0, len(good), 32):
         chunk = good[start : start + 32]
-        probs = torch.softmax(predictor.logits(torch.stack([x for _, x in chunk])), 1).numpy()
-        for (i, _), p in zip(chunk, probs):
+        probs, unsure = predictor.assess_batch(torch.stack([x for _, x in chunk]))
+        for n, ((i, _), p) in enumerate(zip(chunk, probs)):
             order = np.argsort(-p)[:k]
             results[i]["top"] = [{"label": predictor.class_names[j], "probability": float(p[j])} for j in order]
+            # True: unlike every class the model knows; None: the bundle has no calibration to tell.
+            results[i]["unsure"] = None if unsure is None else bool(unsure[n])
     lines = []
     for r in results:
         if "error" in r:
             lines.append(f"{r['file']}: skipped ({r['error']})")
         else:
-            lines.append(f"{r['file']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+            lines.append(f"{r['file']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
+                         + ("  (not sure: unlike every class)" if r.get("unsure") else ""))
     _emit(args, results, "\n".join(lines))
     return 0 if good else EXIT_USER_ERROR
 
@@ -511,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("inspect", help="check a dataset's health")
     data_arg(sp)
     sp.add_argument("--json", action="store_true", help="last line of stdout is a JSON object")
+    sp.add_argument("--quick", action="store_true",
+                    help="skip the label check (it computes backbone features of every image once; cached after)")
+    sp.add_argument("--backbone", default="efficientnet_lite0", help="whose features the label check uses")
     sp.set_defaults(func=cmd_inspect)
 
     sp = sub.add_parser("train", help="train a transfer model")

@@ -8,6 +8,11 @@ Needs only onnxruntime, numpy and Pillow (``pip install onnxruntime numpy pillow
     python predict.py photo.jpg --json                 # machine-readable output
     python predict.py --bundle my_model.zip photo.jpg  # read the bundle zip directly
 
+A photo unlike every class the model knows is marked "not sure" (``"unsure": true`` with ``--json``):
+its backbone features point away from every class's centre, further than all but 5% of the validation
+photos did. Probabilities are temperature-scaled as calibrated on the validation photos. Both come from
+``model.json``'s ``calibration``; bundles without one predict as before, with ``"unsure": null``.
+
 Without ``--bundle`` the model is read from the folder this script is in (an unzipped bundle):
 ``model.json`` (class names and preprocessing) and ``model.onnx``.
 
@@ -179,10 +184,21 @@ def preprocess(path: str, pre: dict) -> np.ndarray:
 # Inference
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def outlier_scores(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Cosine distance from each feature vector to the nearest class centroid (as tl_core.calibration)."""
+    return 1.0 - (unit(features) @ unit(centroids).T).max(axis=1)
 
 
 class Classifier:
@@ -196,10 +212,28 @@ class Classifier:
         self.pre = self.meta["preprocessing"]
         self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
         self.input_name = self.meta.get("input", {}).get("name", "input")
+        self.logits_name = self.meta.get("output", {}).get("name", "logits")
+        outputs = {o.name for o in self.session.get_outputs()}
+        features_name = (self.meta.get("features_output") or {}).get("name")
+        cal = self.meta.get("calibration") if isinstance(self.meta.get("calibration"), dict) else {}
+        self.temperature = float(cal.get("temperature", 1.0))
+        # "Not sure" needs the calibration and the features output; older bundles have neither.
+        self.features_name = features_name if features_name in outputs and "centroids" in cal else None
+        self.centroids = np.asarray(cal["centroids"], dtype=np.float64) if self.features_name else None
+        self.threshold = float(cal["unsure_threshold"]) if self.features_name else None
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, list]:
+        """``(probabilities (N, C), unsure: a bool per image, or None where the bundle cannot tell)``."""
+        names = [self.logits_name] + ([self.features_name] if self.features_name else [])
+        out = self.session.run(names, {self.input_name: batch})
+        probs = softmax(out[0], self.temperature)
+        if not self.features_name:
+            return probs, [None] * len(probs)
+        scores = outlier_scores(out[1], self.centroids)
+        return probs, [bool(s > self.threshold) for s in scores]
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run(None, {self.input_name: batch})
-        return softmax(logits.astype(np.float32))
+        return self.predict(batch)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,14 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     def flush() -> None:
         if not inputs:
             return
-        probs = clf.predict_proba(np.stack(inputs))
-        for name, p in zip(names, probs):
+        probs, unsure = clf.predict(np.stack(inputs))
+        for name, p, u in zip(names, probs, unsure):
             order = np.argsort(-p, kind="stable")[:k]
             results.append(
                 {
                     "image": name,
                     "top_k": [{"label": clf.class_names[i], "probability": float(p[i])} for i in order],
                     "probabilities": {c: float(v) for c, v in zip(clf.class_names, p)},
+                    "unsure": u,
                 }
             )
         inputs.clear()
@@ -257,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
     else:
         for r in results:
-            print(r["image"])
+            print(r["image"] + ("   (not sure: unlike every class this model knows)" if r["unsure"] else ""))
             for entry in r["top_k"]:
                 print(f"  {entry['probability']:7.2%}  {entry['label']}")
     return 1 if failed else 0

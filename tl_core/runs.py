@@ -222,6 +222,7 @@ class RunStore:
             "test_metrics": result.test_evaluation.metrics() if result.test_evaluation else None,
             "history": result.history,
             "message": result.message,
+            "calibration": getattr(result, "calibration", None),
             "versions": library_versions(),
         }
         evaluation = {"val": _evaluation_to_json(result.evaluation)}

@@ -242,21 +242,6 @@ def _live():
     return _live_component
 
 
-def unsure_flag(result) -> bool | None:
-    """The "not sure" flag of one image's prediction, when the engine gives one (``result["unsure"]`` or
-    ``result.unsure``); ``None`` when it does not."""
-    if isinstance(result, dict):
-        return result.get("unsure")
-    return getattr(result, "unsure", None)
-
-
-def pairs_of(result) -> list[tuple[str, float]]:
-    """The ``(class, probability)`` pairs of one image's prediction, most likely first."""
-    if isinstance(result, dict):
-        return list(result.get("top") or result.get("pairs") or [])
-    return list(getattr(result, "top", result))
-
-
 def decode_frame(jpeg_data_url: str) -> bytes:
     """The JPEG bytes of a ``data:image/jpeg;base64,...`` frame.
 
@@ -287,7 +272,7 @@ def _on_frame(predictor, k: int) -> None:
         return
     t0 = time.perf_counter()
     try:
-        result = predictor.predict([decode_frame(frame["jpeg"])], top_k=k)[0]
+        result = predictor.assess([decode_frame(frame["jpeg"])], top_k=k)[0]
     except (ValueError, ImageDecodeError) as exc:  # ImageDecodeError is a ValueError; named for the reader
         state.LIVE_RESULT.set({"error": str(exc), "n": int(frame.get("n", 0))})
         return
@@ -297,7 +282,7 @@ def _on_frame(predictor, k: int) -> None:
     if last.get("at"):
         instant = 1.0 / max(now - last["at"], 1e-6)
         rate = instant if not rate else 0.7 * rate + 0.3 * instant
-    state.LIVE_RESULT.set({"pairs": pairs_of(result), "unsure": unsure_flag(result), "n": int(frame.get("n", 0)),
+    state.LIVE_RESULT.set({"pairs": result["top"], "unsure": result["unsure"], "n": int(frame.get("n", 0)),
                            "seconds": now - t0, "at": now, "fps": rate})
 
 

@@ -88,6 +88,17 @@ def findings(report, *, min_per_class: int = 10) -> list[Finding]:
                 _duplicate_table(cross_class),
             )
         )
+    near = getattr(report, "near_duplicates", [])
+    for kind, level, what, fix in (
+        ("cross_split", "error", "look the same but sit in training and in validation/test (near-duplicates)",
+         "The model is then checked on pictures it learnt from; delete one copy of each (see the pairs below)."),
+        ("cross_class", "warning", "look the same but are in two different classes (near-duplicates)",
+         "Check the pairs below: keep each picture only in the class it belongs to."),
+    ):
+        pairs = [p for p in near if p.kind == kind]
+        if pairs:
+            out.append(Finding(level, f"{_plural(len(pairs), 'pair')} of images {what}.", fix, pd.DataFrame(
+                [{"file": p.files[0][0], "copy": p.files[1][0], "bits differing": p.distance} for p in pairs])))
     counts = {c: n for c, n in report.counts.items() if n}
     few = sorted(c for c, n in counts.items() if 2 <= n < min_per_class)
     if few:

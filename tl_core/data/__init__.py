@@ -6,8 +6,8 @@ Each step of the path has its own module:
    once), :mod:`.tables` (a CSV of ``filename,label``), all reading through :mod:`.paths` (the one
    containment check, and the one rule for class names);
 2. health: :mod:`.health` probes every file, skips the unusable, flags the suspicious, finds duplicates
-   and builds the :class:`DataReport`;
-3. splits: :mod:`.splits`, the source's split folders, else stratified and seeded;
+   (near-duplicates and likely label errors: :mod:`.quality`) and builds the :class:`DataReport`;
+3. splits: :mod:`.splits`, the source's split folders, else stratified, seeded and duplicate-aware;
 4. decoded-image cache: :mod:`.cache`, the :class:`ImageCache` that decodes and resizes each file once;
 5. batches: :mod:`.batches`, :class:`ImageDataset`, :func:`iter_batches` and :func:`train_augmentation`.
 
@@ -40,6 +40,7 @@ from .records import (
     DuplicateGroup,
     ImageSet,
     Limits,
+    NearDuplicate,
     Sample,
     SampleReadError,
     SkippedFile,
@@ -64,6 +65,7 @@ __all__ = [
     "ImageDataset",
     "ImageSet",
     "Limits",
+    "NearDuplicate",
     "Sample",
     "SampleReadError",
     "SkippedFile",

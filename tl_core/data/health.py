@@ -22,6 +22,7 @@ from PIL import Image
 from ..preprocess import HEIF_SUPPORTED, ImageDecodeError, decode_image
 from .folders import Candidate, is_image_name, shown_path
 from .splits import split_findings
+from .quality import find_near_duplicates, perceptual_hash
 from .records import (
     DataError,
     DataReport,
@@ -43,6 +44,7 @@ class _Probe:
     format: str | None = None
     error: ImageDecodeError | None = None
     flag: tuple[str, str] | None = None  # (reason, detail) when the image is kept but looks wrong
+    phash: str | None = None  # perceptual hashes, for near-duplicates (.quality)
 
 
 #: Images smaller than this on a side are flagged (thumbnails, icons, tracking pixels).
@@ -66,6 +68,10 @@ def _probe(candidate: Candidate, limits: Limits) -> _Probe:
     except ImageDecodeError as exc:
         out.error = exc
         return out
+    try:
+        out.phash = perceptual_hash(rgb)  # the draft-scale decode is all a perceptual hash needs
+    except (ValueError, OSError):  # an odd mode or size: no near-duplicate check for this one image
+        out.phash = None
     w, h = out.size
     if max(w, h) > limits.max_aspect * max(min(w, h), 1):
         out.error = ImageDecodeError(
@@ -170,6 +176,7 @@ def scan(
     formats: Counter = Counter()
     # Threads overlap hashing and decoding; memory is bounded by the decoding budget (DECODE_BUDGET), in
     # bytes, which a 64-megapixel PNG fills alone while hundreds of drafted JPEGs share it.
+    hashes: dict[str, str | None] = {}
     workers = min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(workers) as pool:
         for i, probe in enumerate(pool.map(lambda c: _probe(c, limits), images), 1):
@@ -184,6 +191,7 @@ def scan(
                 continue
             assert probe.digest is not None and probe.size is not None
             samples.append(Sample(str(c.path), c.label, c.split, probe.digest, probe.size[0], probe.size[1], rel))
+            hashes[rel] = probe.phash
             formats[probe.format] += 1
             if probe.flag:
                 flagged.append(SkippedFile(rel, *probe.flag))
@@ -235,6 +243,7 @@ def scan(
         duplicates=_find_duplicates(samples),
         notes=notes,
         flagged=flagged,
+        near_duplicates=find_near_duplicates(samples, [hashes[s.relpath] for s in samples]),
     )
     if len(classes) < 2:
         raise DataError(_no_usable_message(source, classes, report))

@@ -151,6 +151,25 @@ class DuplicateGroup:
     files: tuple[tuple[str, str, str | None], ...]
 
 
+@dataclass(frozen=True)
+class NearDuplicate:
+    """Two images that look the same (resized, re-encoded or cropped copies), but are not byte-identical.
+
+    Attributes:
+        kind: ``within_class`` (wasteful, and a leak when split apart), ``cross_class`` (conflicting
+            labels) or ``cross_split`` (the source's own splits put them in train and val/test: leakage).
+        distance: Differing bits of their perceptual hashes (0-64; 0 looks identical).
+        files: ``(relpath, label, split)`` of both.
+    """
+
+    kind: str
+    distance: int
+    files: tuple[tuple[str, str, str | None], tuple[str, str, str | None]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class DataReport:
     """The health of a dataset, as data. :mod:`ui` turns it into readable warnings."""
@@ -168,6 +187,8 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
     #: Files that were kept but deserve a look (``tiny``, ``blank``: placeholders, failed downloads).
     flagged: list[SkippedFile] = field(default_factory=list)
+    #: Pairs that look alike without being byte-identical (:mod:`.quality`), closest first.
+    near_duplicates: list[NearDuplicate] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -197,6 +218,9 @@ class DataReport:
             imbalance_ratio=round(self.imbalance_ratio, 3),
             too_small=self.too_small,
             duplicate_counts={k: len(self.duplicates_of(k)) for k in ("within_class", "cross_class", "cross_split")},
+            near_duplicate_counts={
+                k: sum(p.kind == k for p in self.near_duplicates) for k in ("within_class", "cross_class", "cross_split")
+            },
         )
         return d
 

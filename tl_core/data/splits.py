@@ -2,7 +2,10 @@
 
 The source's own split folders are honoured; otherwise each class is split by the fractions, stratified
 and seeded (:func:`sklearn.model_selection.train_test_split`), with the guarantees sklearn alone does not
-give spelled out in :func:`_stratified`.
+give spelled out in :func:`_stratified`. A random split keeps each group of duplicates (byte-identical
+copies and the near-duplicates the health check found, :mod:`.quality`) inside one split
+(:func:`_stratified_groups`, the idea of scikit-learn's ``StratifiedGroupKFold``), so no copy of a
+training image is validated on.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .records import ImageSet, Sample
+from .quality import duplicate_groups
+from .records import ImageSet, NearDuplicate, Sample
 
 
 @dataclass
@@ -90,16 +94,59 @@ def _draw(
     return np.concatenate([lone, keep]), drawn
 
 
+def _stratified_groups(
+    samples: Sequence[Sample], fractions: Sequence[float], seed: int, near: Sequence[NearDuplicate] = ()
+) -> list[list[Sample]]:
+    """:func:`_stratified`, with each duplicate group (:func:`.quality.duplicate_groups`) kept in one part.
+
+    Each group is drawn as one item, stratified by the class of its first member (by class, then path), and
+    then brings all its members along. Sizes and guarantees are those of :func:`_stratified` counted in
+    groups; the result still depends on ``seed`` only.
+    """
+    ordered = sorted(samples, key=lambda s: (s.label, s.relpath))
+    groups = duplicate_groups(ordered, near)
+    if len(np.unique(groups)) == len(ordered):
+        return _stratified(ordered, fractions, seed)
+    members: dict[int, list[Sample]] = defaultdict(list)
+    for s, g in zip(ordered, groups.tolist()):
+        members[g].append(s)
+    firsts = {id(ordered[g]): g for g in members}  # a group's id is the index of its first member
+    parts = _stratified([ordered[g] for g in members], fractions, seed)
+    # Members follow their first one; a stable sort by class keeps the parts grouped by class.
+    return [sorted((m for s in part for m in members[firsts[id(s)]]), key=lambda s: s.label) for part in parts]
+
+
 def split_dataset(
-    data: ImageSet, *, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0, honour_splits: bool = True
+    data: ImageSet,
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    honour_splits: bool = True,
+    keep_duplicates_together: bool = True,
 ) -> Splits:
     """Train/val(/test) samples: the source's own split folders when it has them, else stratified and seeded.
+
+    Args:
+        data: The dataset.
+        val_fraction: Share of each class drawn for validation.
+        test_fraction: Share of each class drawn for testing (0: no test split).
+        seed: Seeds the draw.
+        honour_splits: Use the source's own split folders when it has them.
+        keep_duplicates_together: A random split keeps byte-identical copies and near-duplicates
+            (``data.report.near_duplicates``) inside one split, so none leaks from training into validation.
+            The source's own split folders are never changed (their leaks are reported by the health check).
 
     Raises:
         ValueError: for fractions that leave no training data.
     """
     if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 0.9:
         raise ValueError("val_fraction must be in (0, 1), test_fraction in [0, 1), and together below 0.9")
+    near = getattr(data.report, "near_duplicates", []) if keep_duplicates_together else None
+
+    def draw(pool: Sequence[Sample], fractions: Sequence[float]) -> list[list[Sample]]:
+        return _stratified(pool, fractions, seed) if near is None else _stratified_groups(pool, fractions, seed, near)
+
     if honour_splits and data.has_splits:
         given = defaultdict(list)
         for s in data.samples:
@@ -108,12 +155,12 @@ def split_dataset(
         if train and val:
             return Splits(train, val, test, source="folders")
         if train and test and not val:
-            train, val = _stratified(train, [val_fraction], seed)
+            train, val = draw(train, [val_fraction])
             return Splits(train, val, test, source="folders+random")
         pool = train or val or test
-        parts = _stratified(pool, [val_fraction, test_fraction] if test_fraction else [val_fraction], seed)
+        parts = draw(pool, [val_fraction, test_fraction] if test_fraction else [val_fraction])
         return Splits(parts[0], parts[1], parts[2] if test_fraction else [], source="random")
-    parts = _stratified(data.samples, [val_fraction, test_fraction] if test_fraction else [val_fraction], seed)
+    parts = draw(data.samples, [val_fraction, test_fraction] if test_fraction else [val_fraction])
     return Splits(parts[0], parts[1], parts[2] if test_fraction else [], source="random")
 
 

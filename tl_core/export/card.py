@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from .common import INPUT_NAME, OUTPUT_NAME
+from .common import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
 
 # Below these the model card warns that the metrics are rough.
 MIN_VAL_IMAGES = 100
@@ -173,6 +173,19 @@ def render_model_card(meta: dict) -> str:
             )
     if counts and min(counts.values(), default=0) > 0 and max(counts.values()) / min(counts.values()) >= 5:
         limits.append("The training classes are strongly imbalanced; rare classes are likely predicted less often.")
+    cal = meta.get("calibration")
+    if isinstance(cal, dict) and "temperature" in cal:
+        rate = cal.get("val_unsure_rate")
+        limits.append(
+            "Probabilities are calibrated on the validation images "
+            f"(temperature scaling, T = {cal['temperature']:.3g}). "
+            "A photo unlike every class (its features far from every class's centre) is marked **not sure**"
+            + (f"; {rate:.0%} of the validation images were" if isinstance(rate, (int, float)) else "")
+            + ". Treat such predictions as unknown."
+        )
+    else:
+        limits.append("This bundle has no calibration: probabilities are the plain softmax, and a photo unlike every "
+                      "class still gets one of these labels, with no 'not sure' flag.")
     limits += [
         "It knows only these classes, and only what the training photos showed: other cameras, lighting, "
         "backgrounds or viewpoints can lower accuracy.",
@@ -191,7 +204,9 @@ def render_model_card(meta: dict) -> str:
         "- `model.safetensors`: the weights, for Transfer Studio (`tl_core.export.load_bundle`).",
         "- `model.ts`: TorchScript, `torch.jit.load(\"model.ts\")`.",
         f"- `model.onnx`: ONNX (opset {meta.get('onnx_opset')}), input `{INPUT_NAME}` (N, 3, {pre['input_size']}, "
-        f"{pre['input_size']}) float32, output `{OUTPUT_NAME}` (N, {len(names)}); any batch size.",
+        f"{pre['input_size']}) float32, output `{OUTPUT_NAME}` (N, {len(names)})"
+        + (f" and `{FEATURES_NAME}` (N, {meta['features_output']['shape'][1]}), the backbone features for 'not sure'"
+           if isinstance(meta.get("features_output"), dict) else "") + "; any batch size.",
         "- `predict.py`: `pip install onnxruntime numpy pillow`, then `python predict.py photo.jpg` in the unzipped "
         "folder, or `python predict.py --bundle model.zip photo.jpg`.",
     ]

@@ -28,6 +28,8 @@ BUNDLE_FILES = (MODEL_JSON, WEIGHTS_FILE, TORCHSCRIPT_FILE, ONNX_FILE, MODEL_CAR
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+#: The ONNX model's second output: pooled backbone features, for "not sure" (``model.json``'s calibration).
+FEATURES_NAME = "features"
 
 # Reading limits. The largest registry bundle member (VGG-16 weights) is about 540 MB.
 MAX_MEMBER_BYTES = 4 * 1024**3

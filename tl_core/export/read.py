@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from .. import __version__
+from ..calibration import Calibration
 from ..backbones import BackboneError, get_backbone, list_backbones
 from ..model import HeadConfig, TransferModel, build_model
 from ..preprocess import ImageDecodeError, Preprocessing, preprocess
@@ -248,7 +249,9 @@ def _predictor_from_members(members: dict[str, bytes], source: str) -> Predictor
     meta = _parse_metadata(members[MODEL_JSON], source)
     pre = _preprocessing(meta, source)
     model = _rebuild(meta, _read_state(members[WEIGHTS_FILE], meta, source), source)
-    return Predictor(model, meta["class_names"], pre, metadata=meta)
+    # Bundles from before calibration have none: they predict as before, without "not sure".
+    calibration = Calibration.from_dict(meta.get("calibration"), num_classes=meta["num_classes"])
+    return Predictor(model, meta["class_names"], pre, metadata=meta, calibration=calibration)
 
 
 def load_bundle(path: str | os.PathLike, *, max_bytes: int = MAX_MEMBER_BYTES) -> Predictor:
@@ -293,12 +296,16 @@ class Predictor:
         class_names: Names of its outputs, in order.
         preprocessing: Defaults to the backbone's.
         metadata: The bundle's ``model.json`` when loaded from one.
+        calibration: The temperature and "not sure" threshold fitted on validation
+            (:class:`~tl_core.calibration.Calibration`, or its dict), if any.
 
     Attributes:
         model: The network (eval mode when loaded from a bundle).
         class_names: Class names in output order.
         preprocessing: The evaluation preprocessing.
         metadata: ``model.json`` of the bundle, or ``{}``.
+        calibration: The calibration, or ``None``: probabilities are then the plain softmax and no image
+            is flagged "not sure".
     """
 
     def __init__(
@@ -308,16 +315,25 @@ class Predictor:
         preprocessing: Preprocessing | None = None,
         *,
         metadata: dict | None = None,
+        calibration: Calibration | dict | None = None,
     ):
         self.class_names = _check_class_names(class_names, model.num_classes)
         self.model = model
         self.preprocessing = preprocessing or Preprocessing.from_spec(model.spec)
         self.metadata = metadata or {}
+        if isinstance(calibration, dict):
+            calibration = Calibration.from_dict(calibration, num_classes=model.num_classes)
+        self.calibration: Calibration | None = calibration
 
     @classmethod
-    def from_model(cls, model: TransferModel, class_names: Sequence[str]) -> Predictor:
-        """Wraps a model in memory (not copied; predictions run in eval mode and restore its mode)."""
-        return cls(model, class_names)
+    def from_model(
+        cls, model: TransferModel, class_names: Sequence[str], *, calibration: Calibration | dict | None = None
+    ) -> Predictor:
+        """Wraps a model in memory (not copied; predictions run in eval mode and restore its mode).
+
+        ``calibration`` is the run's (``run.json``'s ``calibration``), when it has one.
+        """
+        return cls(model, class_names, calibration=calibration)
 
     def preprocess(self, images: ImageInput | Iterable[ImageInput]) -> torch.Tensor:
         """The (N, 3, S, S) input batch for paths, bytes or PIL images.
@@ -351,9 +367,63 @@ class Predictor:
             self.model.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, len(self.class_names))
 
+    def outputs(self, batch: torch.Tensor, *, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, pooled backbone features)`` for an input batch, on the CPU (one forward pass)."""
+        param = next(self.model.parameters())
+        was_training = self.model.training
+        self.model.eval()
+        logits, feats = [], []
+        try:
+            with torch.inference_mode():
+                for i in range(0, len(batch), batch_size):
+                    f = self.model.features(batch[i : i + batch_size].to(param.device, param.dtype))
+                    logits.append(self.model.head(f).float().cpu())
+                    feats.append(f.float().cpu())
+        finally:
+            self.model.train(was_training)
+        if not logits:
+            return torch.empty(0, len(self.class_names)), torch.empty(0, self.model.spec.feature_dim)
+        return torch.cat(logits), torch.cat(feats)
+
+    def probabilities(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Class probabilities from logits: temperature-scaled when the model is calibrated."""
+        logits = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+        if self.calibration is not None:
+            return self.calibration.probs(logits)
+        return torch.softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dim=1).numpy()
+
+    def assess_batch(self, batch: torch.Tensor, *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(probabilities (N, C), unsure (N,) bool or None)`` for an input batch.
+
+        ``unsure`` is ``None`` for a model without calibration (an older bundle): it cannot tell.
+        """
+        logits, feats = self.outputs(batch, batch_size=batch_size)
+        unsure = self.calibration.unsure(feats.numpy()) if self.calibration is not None else None
+        return self.probabilities(logits), unsure
+
+    def assess(
+        self, images: ImageInput | Iterable[ImageInput], top_k: int = 3, *, batch_size: int = 32
+    ) -> list[dict]:
+        """For each image: ``{"top": [(class, probability), ...], "unsure": bool | None}``.
+
+        ``unsure`` is True when the image is unlike every class the model knows (its features are far from
+        every class centroid); ``None`` when the model has no calibration to tell.
+        """
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        probs, unsure = self.assess_batch(self.preprocess(images), batch_size=batch_size)
+        k = min(top_k, len(self.class_names))
+        out = []
+        for i, p in enumerate(probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            out.append({"top": [(self.class_names[j], float(p[j])) for j in order],
+                        "unsure": None if unsure is None else bool(unsure[i])})
+        return out
+
     def predict_proba(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 32) -> np.ndarray:
-        """Class probabilities, shape (N, C), float32, columns in :attr:`class_names` order."""
-        return torch.softmax(self.logits(self.preprocess(images), batch_size=batch_size), dim=1).numpy()
+        """Class probabilities, shape (N, C), float32, columns in :attr:`class_names` order (temperature-scaled
+        when the model is calibrated)."""
+        return self.probabilities(self.logits(self.preprocess(images), batch_size=batch_size))
 
     def predict(
         self, images: ImageInput | Iterable[ImageInput], top_k: int = 3, *, batch_size: int = 32

@@ -1,7 +1,8 @@
 """Step 5, the web page: a static ``web/`` folder that runs the bundle's ONNX model in any browser.
 
 The folder holds ``index.html`` and ``app.js`` (classify photos or the webcam, top classes and a
-"not sure" flag), ``config.json`` (class names, preprocessing, input and output names),
+"not sure" flag from the bundle's calibration, as ``predict.py`` computes it), ``config.json`` (class
+names, preprocessing, input and output names, calibration),
 ``model.onnx`` (a copy of the bundle's, so the folder stands alone) and ONNX Runtime Web's
 single-threaded WebAssembly build, vendored from npm in ``web_assets/`` (see its ``VENDORED.md``).
 No server code and no network: serve the folder from any static host (``python -m http.server``).
@@ -28,9 +29,6 @@ WASM_SHA256 = "3398c10d07d229bd91b364548e130e0e51a8e5704b88c7c083ebbeb78842dee2"
 # Served as they are; the wasm is unzipped from its .gz.
 PLAIN_ASSETS = ("index.html", "app.js", "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs")
 CONFIG_FILE = "config.json"
-# The page flags an answer "not sure" when the top class has less than this probability, unless the
-# bundle's model.json carries its own threshold (``unsure_below``).
-DEFAULT_UNSURE_BELOW = 0.6
 
 
 def _asset(name: str) -> bytes:
@@ -40,6 +38,8 @@ def _asset(name: str) -> bytes:
 def web_config(meta: dict) -> dict:
     """What the page needs from a bundle's ``model.json``."""
     names = list(meta["class_names"])
+    calibration = meta.get("calibration") or {}
+    features = (meta.get("features_output") or {}).get("name")
     return {
         "title": meta.get("title") or " / ".join(names) + " classifier",
         "class_names": names,
@@ -48,7 +48,10 @@ def web_config(meta: dict) -> dict:
         "output": {"name": meta.get("output", {}).get("name", OUTPUT_NAME)},
         "model": ONNX_FILE,
         "top_k": min(3, len(names)),
-        "unsure_below": float(meta.get("unsure_below", DEFAULT_UNSURE_BELOW)),
+        # The bundle's calibration, as predict.py uses it: no calibration (an older bundle), no flag.
+        "temperature": float(calibration.get("temperature", 1.0)),
+        "unsure": {"features": features, "centroids": calibration["centroids"],
+                   "threshold": float(calibration["unsure_threshold"])} if features and "centroids" in calibration else None,
         "backbone": meta.get("backbone"),
         "created": meta.get("created"),
         "onnxruntime_web": ORT_VERSION,

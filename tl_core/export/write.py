@@ -33,6 +33,7 @@ from ..storage import atomic_write, to_jsonable
 from .card import render_model_card
 from .web import WEB_DIR, web_files
 from .common import (
+    FEATURES_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
     INPUT_NAME,
@@ -64,6 +65,7 @@ def export_bundle(
     extra: dict | None = None,
     progress: Callable[[str, float], None] | None = None,
     web: bool = True,
+    calibration: dict | None = None,
 ) -> Path:
     """Writes ``model`` and everything needed to use it into one zip file.
 
@@ -84,6 +86,8 @@ def export_bundle(
         progress: Called with ``(step in words, share done)`` as the export goes (from this thread).
         web: Include the ``web/`` folder (:mod:`.web`): a static page that runs the ONNX model in a
             browser. It holds its own copy of ``model.onnx``, so the folder stands alone.
+        calibration: The run's temperature and "not sure" threshold
+            (:meth:`tl_core.calibration.Calibration.to_dict`); predictions from the bundle then use them.
 
     Returns:
         The path written.
@@ -101,6 +105,7 @@ def export_bundle(
     names = _check_class_names(class_names, model.num_classes)
     confusion_rows = _check_confusion(confusion, names)
     counts = _check_class_counts(class_counts, names)
+    calibration = _check_calibration(calibration, model)
     # Converted now, so a value JSON cannot hold fails before the slow export, not after it.
     try:
         described = to_jsonable(
@@ -111,6 +116,7 @@ def export_bundle(
                 "class_counts": counts,
                 "confusion_matrix": confusion_rows,
                 "extra": extra,
+                "calibration": calibration,
             }
         )
     except TypeError as exc:
@@ -131,13 +137,14 @@ def export_bundle(
         report("Saving the weights", 0.03)
         aliases = _save_weights(net, tmp / WEIGHTS_FILE)
         report("Converting to TorchScript", 0.08)
-        traced = _save_torchscript(net, example, tmp / TORCHSCRIPT_FILE)
+        _save_torchscript(net, example, tmp / TORCHSCRIPT_FILE)
         report("Converting to ONNX", 0.35)
-        # Fast path: the TorchScript trace just made, through the TorchScript-based exporter, checked
-        # with onnxruntime (about 5x faster than torch.export's); any failure or mismatch (vit_b_16's
-        # fused attention) falls back to the torch.export-based exporter, which exports every backbone.
-        exporter = "torch.onnx.export(dynamo=False) of the TorchScript trace"
-        opset = _save_onnx_from_trace(traced, example, tmp / ONNX_FILE) if traced is not None else None
+        # Fast path: a TorchScript trace of the model with its features as a second output, through the
+        # TorchScript-based exporter, checked with onnxruntime (about 5x faster than torch.export's); any
+        # failure or mismatch (vit_b_16's fused attention) falls back to the torch.export-based exporter,
+        # which exports every backbone.
+        exporter = "torch.onnx.export(dynamo=False) of a TorchScript trace"
+        opset = _save_onnx_from_trace(net, example, tmp / ONNX_FILE)
         if opset is None:
             exporter = "torch.onnx.export(dynamo=True)"
             opset = _save_onnx(net, example, tmp / ONNX_FILE)
@@ -163,7 +170,10 @@ def export_bundle(
                 "preprocessing": Preprocessing.from_spec(spec).to_dict(),
                 "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
                 "output": {"name": OUTPUT_NAME, "shape": ["batch", model.num_classes], "dtype": "float32",
-                           "meaning": "logits; softmax gives class probabilities"},
+                           "meaning": "logits; softmax gives class probabilities (of logits / "
+                                      "calibration.temperature when calibrated)"},
+                "features_output": {"name": FEATURES_NAME, "shape": ["batch", spec.feature_dim], "dtype": "float32",
+                                    "meaning": "pooled backbone features (ONNX only), for calibration's 'not sure'"},
                 "files": {
                     "weights": WEIGHTS_FILE,
                     "torchscript": TORCHSCRIPT_FILE,
@@ -216,6 +226,7 @@ def export_run(run, out: str | os.PathLike) -> Path:
     return export_bundle(
         load_model(run),
         out,
+        calibration=run.meta.get("calibration"),
         class_names=run.class_names,
         metrics=run.meta.get("metrics"),
         train_config=run.config,
@@ -223,6 +234,33 @@ def export_run(run, out: str | os.PathLike) -> Path:
         confusion=confusion,
         class_counts=(data.get("split_counts") or {}).get("train"),
     )
+
+
+def _check_calibration(calibration: dict | None, model: TransferModel) -> dict | None:
+    """The calibration as stored, checked against the model (it must load back, see :class:`Calibration`)."""
+    from ..calibration import Calibration
+
+    if calibration is None:
+        return None
+    if Calibration.from_dict(calibration, num_classes=model.num_classes) is None:
+        raise ValueError("the calibration does not fit the model (it needs a temperature, a threshold and one "
+                         f"centroid per class, {model.num_classes}); pass the run's calibration or none")
+    if len(calibration["centroids"][0]) != model.spec.feature_dim:
+        raise ValueError(f"the calibration's centroids have {len(calibration['centroids'][0])} features; "
+                         f"{model.spec.name} has {model.spec.feature_dim}")
+    return calibration
+
+
+class _LogitsAndFeatures(nn.Module):
+    """The model with its pooled features as a second output (ONNX: "not sure" needs them in predict.py)."""
+
+    def __init__(self, net: TransferModel):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.net.features(x)
+        return self.net.head(f), f
 
 
 def _check_confusion(confusion: Sequence[Sequence[int]] | None, names: list[str]) -> list[list[int]] | None:
@@ -271,8 +309,8 @@ def _save_weights(net: nn.Module, path: Path) -> dict[str, str]:
     return aliases
 
 
-def _save_torchscript(net: nn.Module, example: torch.Tensor, path: Path):
-    """Traces and saves TorchScript; returns the traced module (the ONNX fast path exports it)."""
+def _save_torchscript(net: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Traces and saves TorchScript."""
     # TorchScript is deprecated in recent torch (FutureWarning) but is still the simplest artifact to
     # load from C++ or a plain `torch.jit.load`. Tracer warnings come from shape asserts (ViT checks
     # the image size), which are constants of the bundle; dynamic batch is checked by check_fidelity.
@@ -284,15 +322,14 @@ def _save_torchscript(net: nn.Module, example: torch.Tensor, path: Path):
     except Exception as exc:
         raise ExportError(f"TorchScript export of {net.spec.name} failed: {type(exc).__name__}: {exc}") from exc
     _log_caught(caught, "torchscript")
-    return traced
 
 
 #: Opset of the TorchScript-based ONNX export (the highest it supports well; onnxruntime runs it).
 LEGACY_OPSET = 18
 
 
-def _save_onnx_from_trace(traced, example: torch.Tensor, path: Path) -> int | None:
-    """ONNX from a TorchScript trace, checked against it with onnxruntime at two batch sizes.
+def _save_onnx_from_trace(net: nn.Module, example: torch.Tensor, path: Path) -> int | None:
+    """ONNX (logits and features) from a TorchScript trace, checked against it with onnxruntime at two batch sizes.
 
     Returns:
         The opset, or ``None`` (and no file) when this exporter fails or its model disagrees: the
@@ -303,18 +340,22 @@ def _save_onnx_from_trace(traced, example: torch.Tensor, path: Path) -> int | No
 
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            traced = torch.jit.trace(_LogitsAndFeatures(net), example, check_trace=False)
+            names = [OUTPUT_NAME, FEATURES_NAME]
             torch.onnx.export(
-                traced, (example,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=LEGACY_OPSET,
+                traced, (example,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=names,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                opset_version=LEGACY_OPSET,
             )
             options = ort.SessionOptions()  # a check, not a deployment: no time spent optimising the graph
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             for batch in (example[:1], torch.cat([example, example[:1]])):  # 1 and 3: the batch axis is free
-                expected = traced(batch).numpy()
-                got = session.run(None, {INPUT_NAME: batch.numpy()})[0]
-                if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
-                    raise ExportError(f"its outputs differ from TorchScript's at batch {len(batch)}")
+                got = session.run(names, {INPUT_NAME: batch.numpy()})
+                for expected, out in zip(traced(batch), got):
+                    expected = expected.numpy()
+                    if out.shape != expected.shape or not np.allclose(out, expected, rtol=1e-3, atol=1e-4):
+                        raise ExportError(f"its outputs differ from TorchScript's at batch {len(batch)}")
         return LEGACY_OPSET
     except Exception as exc:  # noqa: BLE001 - any failure means: use the other exporter
         logger.info("TorchScript-based ONNX export not used (%s: %s)", type(exc).__name__, str(exc)[:200])
@@ -328,11 +369,11 @@ def _save_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> int | None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             program = torch.onnx.export(
-                net,
+                _LogitsAndFeatures(net),
                 (example,),
                 dynamo=True,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[OUTPUT_NAME, FEATURES_NAME],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                 external_data=False,
                 verbose=False,

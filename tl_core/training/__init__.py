@@ -11,6 +11,7 @@ Where each step of a fit lives, in the order :func:`fit` runs them:
 ``optim``                 class weights, the learning-rate schedule, the epoch's sample order
 ``features``              backbone features in a sharded store (:class:`FeatureCache`, :func:`compute_features`)
 ``loops``                 one epoch of the head or of the model, validation, the head warm-up
+``calibrate``             after training: temperature and "not sure" fitted on validation
 ========================  =====================================================================
 
 The loop is small and explicit (fastai's event loop, torchvision's reference ``train_one_epoch``):

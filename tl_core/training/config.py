@@ -365,6 +365,8 @@ class FitResult:
         device: Device used.
         warnings: What is wrong with the splits (a class with no training or no validation images), for
             people; the run still trained.
+        calibration: Temperature and "not sure" threshold fitted on validation
+            (:meth:`tl_core.calibration.Calibration.to_dict`), or ``None``.
     """
 
     model: TransferModel
@@ -382,6 +384,7 @@ class FitResult:
     features_cached: int
     device: str
     warnings: list[str] = field(default_factory=list)
+    calibration: dict | None = None
 
     def summary(self) -> dict:
         m = self.evaluation.metrics()

@@ -7,7 +7,8 @@
 3. :func:`_train_head` (frozen path: the epochs on cached features) or :func:`_warm_up_head` (before
    fine-tuning: a new head first learns on cached features, recorded as epoch 0).
 4. :func:`_fine_tune` (``partial``/``full``): the epochs on images.
-5. :func:`_finish`: restore the best epoch, evaluate on validation and test, build the :class:`FitResult`.
+5. :func:`_finish`: restore the best epoch, evaluate on validation and test, calibrate on validation
+   (temperature and "not sure", :mod:`.calibrate`), build the :class:`FitResult`.
 
 The epochs of phases 3 and 4 share :func:`_epoch_loop` (history, best epoch, early stopping, a stop
 request, an out-of-memory retry); the per-epoch steps are in :mod:`.loops`.
@@ -32,6 +33,7 @@ from ..evaluation import Evaluation, predict_probs
 from ..model import HeadConfig, TransferModel, build_model
 from ..preprocess import Preprocessing
 from . import distributed
+from .calibrate import calibrate
 from .config import Callback, FitResult, TrainConfig, TrainingError, TrainState, _Diverged, _Events, _StopRequested
 from .device import is_oom, pick_device, seed_everything
 from .features import FeatureCache, compute_features
@@ -116,6 +118,7 @@ class _Run:
     feature_seconds: float = 0.0
     features_cached: int = 0
     f_eval: np.ndarray | None = None  # frozen path: centre-crop features of val + test, for the test evaluation
+    f_train: np.ndarray | None = None  # frozen path: centre-crop features of train, for the calibration
     status: str = "completed"
     message: str = ""
     warnings: list[str] = field(default_factory=list)  # what is wrong with the splits (train and warn)
@@ -243,7 +246,7 @@ def _train_head(run: _Run, features: _Features) -> None:
     f_train = torch.from_numpy(features.train)
     f_val = torch.from_numpy(features.eval[:n_val, 0]).to(device)
     y_train, y_val = torch.from_numpy(run.y_train), torch.from_numpy(run.y_val).to(device)
-    run.f_eval = features.eval
+    run.f_eval, run.f_train = features.eval, features.train[:, 0]
     opt = torch.optim.AdamW(run.model.param_groups(cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
     sched = _schedule(run, opt)
 
@@ -433,6 +436,13 @@ def _finish(run: _Run) -> FitResult:
     classes = list(run.data.classes)
     evaluation = Evaluation(classes, run.y_val, run.best_val_probs, [s.path for s in run.splits.val], "val")
     test_eval = _test_evaluation(run)
+    frozen = run.f_train is not None and run.f_eval is not None
+    calibration = calibrate(
+        model, class_to_idx=run.data.class_to_idx, train=run.splits.train, val=run.splits.val,
+        train_features=run.f_train if frozen else None,
+        val_features=run.f_eval[: len(run.splits.val), 0] if frozen else None,
+        pre=run.pre, image_cache=run.image_cache, device=run.device, seed=cfg.seed, batch_size=run.bs * 2,
+    )
     state.phase = "done"
     result = FitResult(
         model=model,
@@ -450,6 +460,7 @@ def _finish(run: _Run) -> FitResult:
         features_cached=run.features_cached,
         device=str(run.device),
         warnings=list(run.warnings),
+        calibration=calibration.to_dict() if calibration else None,
     )
     state.result = result  # type: ignore[attr-defined]
     run.events("fit_end")

@@ -14,7 +14,7 @@
   const ONE = 2 ** PRECISION_BITS;
 
   const $ = (id) => document.getElementById(id);
-  const state = { config: null, session: null, results: [], camera: null, busy: false };
+  const state = { config: null, session: null, results: [], camera: null, busy: false, unitCentroids: [] };
 
   // ------------------------------------------------------------------------------------------
   // Preprocessing, as tl_core.preprocess does it
@@ -223,9 +223,12 @@
   // ------------------------------------------------------------------------------------------
   // The model
 
-  function softmax(logits) {
-    const max = Math.max(...logits);
-    const e = Array.from(logits, (v) => Math.exp(v - max));
+  // As tl_core.calibration: temperature-scaled probabilities, and "not sure" when the image's backbone
+  // features are further (cosine distance) from every class centroid than the calibrated threshold.
+  function softmax(logits, temperature) {
+    const z = Array.from(logits, (v) => v / temperature);
+    const max = Math.max(...z);
+    const e = z.map((v) => Math.exp(v - max));
     const sum = e.reduce((a, b) => a + b, 0);
     return e.map((v) => v / sum);
   }
@@ -235,7 +238,22 @@
     const size = cfg.preprocessing.input_size;
     const input = new ort.Tensor('float32', toInput(rgb, w, h, cfg.preprocessing, isJpeg), [1, 3, size, size]);
     const out = await state.session.run({ [cfg.input.name]: input });
-    return softmax(out[cfg.output.name].data);
+    const probs = softmax(out[cfg.output.name].data, cfg.temperature);
+    return { probs, unsure: cfg.unsure ? outlierScore(out[cfg.unsure.features].data) > cfg.unsure.threshold : null };
+  }
+
+  function unit(v) {
+    const norm = Math.sqrt(v.reduce((a, x) => a + x * x, 0)) || 1e-12;
+    return Array.from(v, (x) => x / norm);
+  }
+
+  function outlierScore(features) {
+    const f = unit(features);
+    let best = -Infinity;
+    for (const centroid of state.unitCentroids) {
+      best = Math.max(best, centroid.reduce((a, c, i) => a + c * f[i], 0));
+    }
+    return 1 - best;
   }
 
   async function classifyFile(file) {
@@ -245,9 +263,9 @@
       imageOrientation: 'from-image', colorSpaceConversion: 'none', premultiplyAlpha: 'none',
     });
     const rgb = pixelsOf(bitmap, bitmap.width, bitmap.height);
-    const probs = await classifyRGB(rgb, bitmap.width, bitmap.height, isJpeg);
+    const result = await classifyRGB(rgb, bitmap.width, bitmap.height, isJpeg);
     bitmap.close();
-    return probs;
+    return result;
   }
 
   function ranked(probs) {
@@ -279,22 +297,17 @@
     return list;
   }
 
-  function verdict(probs) {
-    const top = ranked(probs);
-    const unsure = top.length > 1 && top[0].p < state.config.unsure_below;
-    return { top, unsure };
-  }
-
-  function showResult(name, file, probs) {
+  function showResult(name, file, probs, unsure) {
     const card = document.createElement('article');
     card.className = 'result';
     card.dataset.name = name;
     card.dataset.probs = JSON.stringify(probs);
+    card.dataset.unsure = JSON.stringify(unsure);
     const img = document.createElement('img');
     img.src = URL.createObjectURL(file);
     img.alt = name;
     const body = document.createElement('div');
-    const { top, unsure } = verdict(probs);
+    const top = ranked(probs);
     const title = document.createElement('h3');
     title.textContent = top[0].label;
     card.dataset.top1 = top[0].label;
@@ -324,9 +337,9 @@
   async function onFiles(files) {
     for (const file of files) {
       try {
-        const probs = await classifyFile(file);
-        state.results.push({ name: file.name, probabilities: probs });
-        showResult(file.name, file, probs);
+        const { probs, unsure } = await classifyFile(file);
+        state.results.push({ name: file.name, probabilities: probs, unsure });
+        showResult(file.name, file, probs, unsure);
       } catch (err) {
         showError(file.name, 'this file cannot be read as an image; choose a JPEG, PNG, WebP, GIF or BMP photo.');
         console.error(err);
@@ -377,8 +390,8 @@
         continue;
       }
       const rgb = pixelsOf(video, video.videoWidth, video.videoHeight);
-      const probs = await classifyRGB(rgb, video.videoWidth, video.videoHeight, false);
-      const { top, unsure } = verdict(probs);
+      const { probs, unsure } = await classifyRGB(rgb, video.videoWidth, video.videoHeight, false);
+      const top = ranked(probs);
       const live = $('live');
       live.dataset.probs = JSON.stringify(probs);
       live.dataset.top1 = top[0].label;
@@ -413,6 +426,7 @@
     }
     try {
       state.config = await (await fetch('config.json')).json();
+      state.unitCentroids = (state.config.unsure ? state.config.unsure.centroids : []).map(unit);
       document.title = `${state.config.title} · image classifier`;
       $('title').textContent = state.config.title;
       $('classes').textContent = state.config.class_names.join(', ');

@@ -1,0 +1,421 @@
+"""Training, step 3 of the fit on the frozen path: the new head, chosen by evidence.
+
+On cached backbone features the head is a multinomial logistic regression. Which settings suit a dataset
+(how strongly to regularise, whether to balance the classes, whether to standardise the features) is not
+guessed: :func:`select_head` compares candidate settings by stratified k-fold cross-validation on the
+training split only (scikit-learn's ``StratifiedKFold``), then refits the best one on the whole training
+split. Each candidate is an exact L-BFGS fit of the same objective as scikit-learn's
+``LogisticRegression`` (``C`` times the summed, optionally class-weighted, cross-entropy plus half the
+squared weights), run in torch so that the regularisation path of each fold is warm-started: the
+stronger-regularised solution starts the next, which makes the whole search a few seconds.
+
+The chosen model folds its standardisation into the weights (:meth:`HeadChoice.linear`), so it loads into
+the ordinary linear head of :class:`tl_core.model.TransferModel` and everything downstream (evaluation,
+Grad-CAM, export) is unchanged. The out-of-fold probabilities of the chosen setting
+(:func:`out_of_fold_probs`) are an honest estimate of how the head does on images it did not see; the
+label-issue finder uses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(done, total)``: called after each fit of the search; it may raise to stop the search.
+HeadProgress = Callable[[int, int], None]
+
+# The grid, in one place. C is scikit-learn's inverse regularisation strength on standardised features;
+# the path runs from strong to weak regularisation (each fit warm-starts the next).
+C_GRID: tuple[float, ...] = (1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+MAX_FOLDS = 5
+# From this many training images three folds estimate about as well as five, for half the time.
+FEW_FOLDS_FROM = 1000
+MAX_ITER = 50
+BALANCE_LEVELS: tuple[float, ...] = (1.0, 0.5, 0.0)
+# Candidates whose cross-validated balanced accuracy is this close to the best count as equally fair.
+BALANCED_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class HeadCandidate:
+    """One setting of the frozen head.
+
+    Attributes:
+        C: Inverse regularisation strength (scikit-learn's ``C``): larger fits the training data closer.
+        standardise: Scale each feature to zero mean and unit variance (fitted on the training folds); else
+            the features keep their relative scales (one common scale for all).
+        balance: 1: every class counts the same (the loss weights each class by ``n / (k * count)``,
+            scikit-learn's ``class_weight="balanced"``); 0: classes count as often as they occur, which
+            favours accuracy on data as imbalanced as the training split; in between, partly. The fit
+            is always balanced; less balance adds ``(1 - balance) * log(class share)`` to the logits
+            (logit adjustment, Menon et al. 2021), so every level costs no extra fit.
+    """
+
+    C: float
+    standardise: bool = True
+    balance: float = 1.0
+
+    def describe(self) -> str:
+        bal = {1.0: "balanced classes", 0.0: "classes weighted by how often they occur"}.get(
+            self.balance, f"classes {self.balance:.0%} balanced"
+        )
+        return f"C={self.C:g}, {'standardised' if self.standardise else 'raw'} features, {bal}"
+
+
+def candidates(
+    standardise: Sequence[bool] = (True, False), balance: Sequence[float] = BALANCE_LEVELS
+) -> list[HeadCandidate]:
+    """The candidate settings: every ``C`` of :data:`C_GRID` for each scaling choice and balance level."""
+    return [HeadCandidate(c, s, b) for s in standardise for c in C_GRID for b in balance]
+
+
+@dataclass
+class HeadChoice:
+    """The head :func:`select_head` chose, refitted on all the training features, and the evidence.
+
+    Attributes:
+        candidate: The winning setting.
+        weight: ``[classes, dim]`` weights on the (standardised, when chosen) features.
+        bias: ``[classes]`` biases, the logit adjustment of the chosen balance included.
+        mean: Per-feature mean removed before ``weight``.
+        scale: Per-feature scale divided out before ``weight`` (one common value when not standardised).
+        oof_probs: ``[n, classes]`` out-of-fold probabilities of the winning setting (each image predicted by
+            the fold model that did not see it).
+        table: One dict per candidate: its setting and cross-validated accuracy, balanced accuracy, log loss.
+        folds: Number of folds used.
+        seconds: Wall time of the search and the refit.
+    """
+
+    candidate: HeadCandidate
+    weight: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    oof_probs: np.ndarray
+    table: list[dict] = field(default_factory=list)
+    folds: int = 0
+    seconds: float = 0.0
+
+    def linear(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(W, b)`` on raw features: the standardisation folded in, for a plain linear layer."""
+        w = self.weight / self.scale[None, :]
+        b = self.bias - w @ self.mean
+        return w.astype(np.float32), b.astype(np.float32)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        w, b = self.linear()
+        return _softmax(np.asarray(features, dtype=np.float32) @ w.T + b)
+
+    def load_into(self, linear: torch.nn.Linear) -> None:
+        """Copies the folded weights into ``linear`` (the model's head layer)."""
+        w, b = self.linear()
+        if tuple(linear.weight.shape) != w.shape:
+            raise ValueError(f"the head layer has shape {tuple(linear.weight.shape)}, the fitted weights {w.shape}")
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(w))
+            linear.bias.copy_(torch.from_numpy(b))
+
+    def summary(self) -> dict:
+        """The choice in plain data: setting, cross-validated scores, folds, seconds."""
+        best = next(r for r in self.table if r["chosen"])
+        return {
+            "C": self.candidate.C,
+            "standardise": self.candidate.standardise,
+            "balance": self.candidate.balance,
+            "cv_accuracy": best["accuracy"],
+            "cv_balanced_accuracy": best["balanced_accuracy"],
+            "cv_log_loss": best["log_loss"],
+            "folds": self.folds,
+            "candidates": len(self.table),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class HeadSelectionError(ValueError):
+    """The features cannot be cross-validated (e.g. a class with a single training image)."""
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def n_folds(labels: np.ndarray) -> int:
+    """Folds for stratified CV: at most :data:`MAX_FOLDS` (3 for large sets), at most the smallest class."""
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    k = MAX_FOLDS if len(labels) < FEW_FOLDS_FROM else 3
+    return int(min(k, counts.min()))
+
+
+def _class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = len(y) / (present.sum() * counts[present])
+    return w
+
+
+def _log_prior(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Log of each class's share of ``y``; a class absent from ``y`` gets a share of half an image."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return np.log(np.maximum(counts, 0.5) / len(y)).astype(np.float32)
+
+
+def _fit_path(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    cs: Sequence[float],
+    sample_weight: torch.Tensor | None,
+    after_each: Callable[[int, torch.Tensor, torch.Tensor], None],
+    max_iter: int = MAX_ITER,
+) -> None:
+    """L-BFGS fits of L2-regularised multinomial logistic regression along ``cs`` (increasing), warm-started.
+
+    Minimises scikit-learn's objective divided by ``C * n`` (same minimiser, better conditioned):
+    ``sum_i w_i * CE_i / n + |W|^2 / (2 C n)``; the bias is not penalised. Calls ``after_each(i, W, b)``.
+    """
+    n, d = x.shape
+    w = torch.zeros(n_classes, d, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)
+    for i, c in enumerate(cs):
+        alpha = 1.0 / (2.0 * c * n)
+        opt = torch.optim.LBFGS(
+            [w, b], lr=1, max_iter=max_iter, history_size=10, tolerance_grad=1e-4, tolerance_change=1e-9,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            logits = torch.addmm(b, x, w.T)
+            if sample_weight is None:
+                loss = torch.nn.functional.cross_entropy(logits, y)
+            else:
+                loss = (torch.nn.functional.cross_entropy(logits, y, reduction="none") * sample_weight).sum() / n
+            loss = loss + alpha * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        after_each(i, w.detach(), b.detach())
+
+
+def _scores(probs: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[float, float, float]:
+    """(accuracy, balanced accuracy, log loss) of ``probs`` against ``y``."""
+    pred = probs.argmax(1)
+    acc = float((pred == y).mean())
+    recalls = [float((pred[y == k] == k).mean()) for k in range(n_classes) if (y == k).any()]
+    ll = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean())
+    return acc, float(np.mean(recalls)), ll
+
+
+def _standardiser(x: np.ndarray, per_feature: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, scale)`` to apply as ``(x - mean) / scale``.
+
+    Per feature when standardising. Otherwise the features keep their relative scales: one common scale
+    (the root mean square of the features' standard deviations) and centring. With an unpenalised bias
+    that is the same family of models as the raw features (centring changes nothing, a common scale only
+    shifts the ``C`` grid), and L-BFGS converges in far fewer steps.
+    """
+    mean = x.mean(0).astype(np.float32)
+    std = x.std(0)
+    if per_feature:
+        scale = std.copy()
+        scale[scale < 1e-6] = 1.0  # a constant feature (a dead channel) stays as it is
+    else:
+        scale = np.full(x.shape[1], max(float(np.sqrt((std**2).mean())), 1e-6))
+    return mean, scale.astype(np.float32)
+
+
+def _as_views(features: np.ndarray) -> np.ndarray:
+    """``[n, dim]`` or ``[n, views, dim]`` → ``[n, views, dim]`` float32."""
+    f = np.asarray(features, dtype=np.float32)
+    if f.ndim == 2:
+        return f[:, None, :]
+    if f.ndim != 3:
+        raise ValueError(f"features must be [n, dim] or [n, views, dim], got shape {f.shape}")
+    return f
+
+
+def _fit_balanced(
+    x_raw: np.ndarray, y: np.ndarray, n_classes: int, standardise: bool, cs: Sequence[float],
+    after_each: Callable[[int, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray], None],
+) -> None:
+    """The class-balanced fits along ``cs`` on ``x_raw`` (standardised first when asked)."""
+    mean, scale = _standardiser(x_raw, standardise)
+    x = torch.from_numpy((x_raw - mean) / scale)
+    counts = np.bincount(y, minlength=n_classes)
+    balanced = counts[counts > 0].min() == counts[counts > 0].max()
+    sw = None if balanced else torch.from_numpy(_class_weights(y, n_classes)[y].astype(np.float32))
+    _fit_path(x, torch.from_numpy(y).long(), n_classes, cs, sw, lambda i, w, b: after_each(i, w, b, mean, scale))
+
+
+def _cross_validate(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    cands: Sequence[HeadCandidate],
+    seed: int,
+    progress: HeadProgress | None,
+    total: int,
+) -> tuple[dict[HeadCandidate, np.ndarray], int]:
+    """Out-of-fold probabilities of every candidate: ``{candidate: [n, classes]}``, and the folds used."""
+    from sklearn.model_selection import StratifiedKFold
+
+    k = n_folds(labels)
+    n, views, dim = feats.shape
+    paths: dict[bool, list[float]] = {}
+    for c in cands:
+        paths.setdefault(c.standardise, [])
+        if c.C not in paths[c.standardise]:
+            paths[c.standardise].append(c.C)
+    for key in paths:
+        paths[key].sort()
+    oof = {c: np.zeros((n, n_classes), np.float32) for c in cands}
+    done = 0
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for train_idx, val_idx in splitter.split(np.zeros(n), labels):
+        # Every augmented view of a training-fold image trains; the held-out images are judged on view 0
+        # (the centre crop), as validation is.
+        y_tr = np.repeat(labels[train_idx], views)
+        prior = _log_prior(y_tr, n_classes)
+        x_va_raw = feats[val_idx, 0]
+        for standardise, cs in paths.items():
+
+            def keep(i, w, b, mean, scale, cs=cs, standardise=standardise, val_idx=val_idx, prior=prior):
+                nonlocal done
+                x_va = torch.from_numpy((x_va_raw - mean) / scale)
+                with torch.no_grad():
+                    logits = torch.addmm(b, x_va, w.T).numpy()
+                for c in cands:
+                    if c.standardise == standardise and c.C == cs[i]:
+                        oof[c][val_idx] = _softmax(logits + (1.0 - c.balance) * prior)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
+            _fit_balanced(feats[train_idx].reshape(-1, dim), y_tr, n_classes, standardise, cs, keep)
+    return oof, k
+
+
+def _rank_key(row: dict, best_balanced: float) -> tuple:
+    """Balanced accuracy first (within :data:`BALANCED_TOLERANCE` of the best counts as a tie), then
+    accuracy, then log loss."""
+    near_best = row["balanced_accuracy"] >= best_balanced - BALANCED_TOLERANCE
+    return (not near_best, -row["accuracy"], -row["balanced_accuracy"], row["log_loss"])
+
+
+def select_head(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_classes: int,
+    seed: int = 0,
+    progress: HeadProgress | None = None,
+    cands: Sequence[HeadCandidate] | None = None,
+) -> HeadChoice:
+    """Chooses the frozen head's setting by stratified k-fold cross-validation, then refits it on everything.
+
+    Ranking, on the out-of-fold predictions: the candidates whose balanced accuracy is within
+    :data:`BALANCED_TOLERANCE` of the best (no class is sacrificed), then the most accurate of those, then
+    the lowest log loss (the better calibrated).
+
+    Args:
+        features: Training features, ``[n, dim]`` or ``[n, views, dim]`` (augmented views of each image).
+        labels: ``[n]`` class indices.
+        n_classes: Number of classes of the dataset (a class may have no training image).
+        seed: Seed of the fold assignment.
+        progress: ``progress(done, total)`` after each fit; it may raise to stop.
+        cands: The candidates (default: :func:`candidates`).
+
+    Returns:
+        The refitted :class:`HeadChoice` with the evidence.
+
+    Raises:
+        HeadSelectionError: if a class present in ``labels`` has fewer than 2 images, or there are fewer
+            than 2 classes.
+    """
+    t0 = time.perf_counter()
+    feats = _as_views(features)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(feats):
+        raise ValueError(f"{len(feats)} feature rows but {len(labels)} labels")
+    if len(np.unique(labels)) < 2 or n_folds(labels) < 2:
+        raise HeadSelectionError(
+            "choosing the head by cross-validation needs at least 2 classes with at least 2 training images "
+            "each; add images to the smallest class"
+        )
+    cands = list(cands) if cands is not None else candidates()
+    k = n_folds(labels)
+    per_fold = sum(len({c.C for c in cands if c.standardise == s}) for s in {c.standardise for c in cands})
+    best_path_len = len(C_GRID)
+    total = k * per_fold + best_path_len
+    oof, k = _cross_validate(feats, labels, n_classes, cands, seed, progress, total)
+    table = []
+    for c in cands:
+        acc, bal, ll = _scores(oof[c], labels, n_classes)
+        table.append({
+            "C": c.C, "standardise": c.standardise, "balance": c.balance,
+            "accuracy": round(acc, 5), "balanced_accuracy": round(bal, 5), "log_loss": round(ll, 5), "chosen": False,
+        })
+    best_bal = max(r["balanced_accuracy"] for r in table)
+    best_i = min(range(len(cands)), key=lambda i: _rank_key(table[i], best_bal))
+    table[best_i]["chosen"] = True
+    best = cands[best_i]
+    # Refit on every training image along the same warm-started path up to the chosen C, so the refit
+    # lands where the folds' fits did.
+    path = sorted({c for c in C_GRID if c <= best.C} | {best.C})
+    y_all = np.repeat(labels, feats.shape[1])
+    out: dict = {}
+    done = total - best_path_len
+
+    def keep(i, w, b, mean, scale):
+        nonlocal done
+        out.update(w=w.clone().numpy(), b=b.clone().numpy(), mean=mean, scale=scale)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    _fit_balanced(feats.reshape(-1, feats.shape[2]), y_all, n_classes, best.standardise, path, keep)
+    if progress is not None and done < total:
+        progress(total, total)
+    bias = out["b"] + (1.0 - best.balance) * _log_prior(y_all, n_classes)
+    choice = HeadChoice(
+        candidate=best, weight=out["w"], bias=bias, mean=out["mean"], scale=out["scale"],
+        oof_probs=oof[best], table=table, folds=k, seconds=time.perf_counter() - t0,
+    )
+    logger.info("frozen head: %s, cross-validated %s", best.describe(), choice.summary())
+    return choice
+
+
+def out_of_fold_probs(
+    features: np.ndarray, labels: np.ndarray, *, n_classes: int, seed: int = 0, progress: HeadProgress | None = None
+) -> np.ndarray:
+    """``[n, n_classes]`` out-of-fold probabilities of the head setting that cross-validation chooses.
+
+    The same search as :func:`select_head` (stratified k-fold on ``features``, every candidate); each
+    image's probabilities come from the fold model that did not train on it.
+    """
+    return select_head(features, labels, n_classes=n_classes, seed=seed, progress=progress).oof_probs
+
+
+__all__ = [
+    "C_GRID",
+    "HeadCandidate",
+    "HeadChoice",
+    "HeadProgress",
+    "HeadSelectionError",
+    "candidates",
+    "n_folds",
+    "out_of_fold_probs",
+    "select_head",
+]
