@@ -163,11 +163,11 @@ def test_inspect_json_lists_label_issues_and_near_duplicates(flipped, with_copie
     from test_cli import cli, last_json
 
     root, moved = flipped
-    payload = last_json(cli("inspect", root, "--json"))
+    payload = last_json(cli("inspect", root, "--json", "--labels"))
     issues = payload["label_issues"]
     assert issues and {"relpath", "given", "suggested", "label_quality"} <= set(issues[0])
     assert len({i["relpath"] for i in issues[: 2 * len(moved)]} & moved) >= 0.6 * len(moved)
-    quick = last_json(cli("inspect", with_copies[0], "--json", "--quick"))
+    quick = last_json(cli("inspect", with_copies[0], "--json"))  # the label check is opt-in
     assert quick["label_issues"] is None
     assert len(quick["near_duplicates"]) >= len(with_copies[1])
     assert quick["near_duplicate_counts"]["within_class"] == len(quick["near_duplicates"])

@@ -166,8 +166,8 @@ def cmd_inspect(args) -> int:
 
 def _label_issues(data, args) -> tuple[list[dict] | None, str]:
     """``(likely label errors as dicts, or None when not checked; a note for people)``."""
-    if args.quick:
-        return None, "labels not checked (--quick)"
+    if not args.labels:
+        return None, "labels not checked (add --labels: it computes the backbone features of every image once)"
     from .data.quality import check_labels
 
     def progress(p) -> None:
@@ -550,8 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("inspect", help="check a dataset's health")
     data_arg(sp)
     sp.add_argument("--json", action="store_true", help="last line of stdout is a JSON object")
-    sp.add_argument("--quick", action="store_true",
-                    help="skip the label check (it computes backbone features of every image once; cached after)")
+    # Opt-in, like the studio's "Check the labels": the health check alone stays quick and small in
+    # memory (no torch), while the label check loads a backbone and computes every image's features.
+    sp.add_argument("--labels", action="store_true",
+                    help="also rank likely label errors (computes backbone features of every image once; cached after)")
     sp.add_argument("--backbone", default="efficientnet_lite0", help="whose features the label check uses")
     sp.set_defaults(func=cmd_inspect)
 
