@@ -159,6 +159,7 @@ def _train_config(args):
         batch_size=args.batch_size,
         lr=args.lr,
         hidden=args.hidden,
+        head=args.head,
         augment=args.augment,
         patience=args.patience,
         seed=args.seed,
@@ -483,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int)
     sp.add_argument("--lr", type=float)
     sp.add_argument("--hidden", type=int, default=0, help="hidden layer width of the head (0: none)")
+    sp.add_argument("--head", default="auto", choices=["auto", "cv", "epochs"],
+                    help="frozen: cv chooses the head's setting by cross-validation on the training split and "
+                         "refits it; epochs trains it by --epochs/--lr; auto (default): cv unless --epochs, --lr "
+                         "or --hidden is given")
     sp.add_argument("--augment", default="auto", choices=["auto", "none", "light", "strong"],
                     help="auto: none on cached features (frozen), light when fine-tuning")
     sp.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
