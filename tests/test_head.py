@@ -132,3 +132,81 @@ def test_a_class_with_one_image_cannot_be_cross_validated():
     x, y = blobs([10, 1], seed=10)
     with pytest.raises(HeadSelectionError, match="at least 2"):
         select_head(x, y, n_classes=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The frozen path of fit() on real photos with the bundled Lite0 weights
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from corpus import make_class_folder
+    from tl_core.data import load_dataset
+
+    return load_dataset(make_class_folder(tmp_path_factory.mktemp("head") / "data", {"ants": 10, "bees": 10}))
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    from tl_core.backbones import build_backbone
+
+    return build_backbone("efficientnet_lite0")
+
+
+def test_frozen_fit_chooses_the_head_by_cross_validation(photos, lite0, tmp_path):
+    from tl_core.data import ImageCache, ImageDataset
+    from tl_core.evaluation import evaluate_model
+    from tl_core.preprocess import Preprocessing
+    from tl_core.training import Callback, FeatureCache, TrainConfig, fit
+
+    seen = []
+
+    class Spy(Callback):
+        def on_batch_end(self, state):
+            seen.append((state.phase, state.epoch, state.epochs, state.batch, state.batches))
+
+    result = fit(photos, TrainConfig(test_fraction=0.2), feature_cache=FeatureCache(tmp_path / "f"),
+                 pretrained_module=lite0, callbacks=[Spy()])
+    assert result.config.head == "cv" and result.head_choice is not None
+    assert result.summary()["head_choice"]["folds"] == result.head_choice["folds"] >= 2
+    assert [r["epoch"] for r in result.history] == [1] and result.best_epoch == 1
+    assert "cross-validation" in result.message and result.status == "completed"
+    train = [s for s in seen if s[0] == "train"]
+    assert train and train[-1][3] == train[-1][4] and all(s[1:3] == (1, 1) for s in train)
+    # The kept head is the refitted choice: the model's own predictions from the images match the record.
+    pre = Preprocessing.from_spec(result.model.spec)
+    ds = ImageDataset(result.splits.val, photos.class_to_idx, pre, ImageCache())
+    np.testing.assert_allclose(evaluate_model(result.model, ds, photos.classes, batch_size=8).probs,
+                               result.evaluation.probs, atol=1e-4)
+    assert result.test_evaluation is not None
+    # Asking for epochs gets the epoch recipe.
+    by_epochs = fit(photos, TrainConfig(epochs=2, batch_size=4), feature_cache=FeatureCache(tmp_path / "f"),
+                    pretrained_module=lite0)
+    assert by_epochs.config.head == "epochs" and by_epochs.head_choice is None and len(by_epochs.history) == 2
+
+
+def test_a_split_that_cannot_be_cross_validated_trains_by_epochs(photos, lite0, tmp_path):
+    from tl_core.data import Splits
+    from tl_core.training import Callback, FeatureCache, TrainConfig, fit
+
+    messages = []
+
+    class Listen(Callback):
+        def on_message(self, state, message):
+            messages.append(message)
+
+    ants = [s for s in photos.samples if s.label == "ants"]
+    bees = [s for s in photos.samples if s.label == "bees"]
+    splits = Splits(train=ants[:4] + bees[:1], val=ants[4:6] + bees[1:3])  # one training bee
+    result = fit(photos, TrainConfig(head="cv", epochs=2), splits=splits, feature_cache=FeatureCache(tmp_path / "f"),
+                 pretrained_module=lite0, callbacks=[Listen()])
+    assert result.head_choice is None and [r["epoch"] for r in result.history] == [1, 2]
+    assert any("trained by epochs instead" in m and "at least 2" in m for m in messages), messages
+
+
+def test_a_hidden_layer_cannot_be_chosen_by_cross_validation():
+    from tl_core.training import TrainConfig
+
+    with pytest.raises(ValueError, match="hidden layer"):
+        TrainConfig(head="cv", hidden=16)
+    assert TrainConfig(hidden=16).resolved().head == "epochs"

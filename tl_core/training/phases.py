@@ -76,10 +76,10 @@ def fit(
     )
     try:
         features = _features(run)
-        if run.cfg.head_by_evidence and not _select_head(run, features):
-            _train_head(run, features)
-        elif run.cfg.cached_features and not run.cfg.head_by_evidence:
-            _train_head(run, features)
+        if run.cfg.cached_features:
+            # The head chosen by evidence; by epochs when asked, or when the split cannot be cross-validated.
+            if not (run.cfg.head_by_evidence and _select_head(run, features)):
+                _train_head(run, features)
         else:
             if features is not None:
                 _warm_up_head(run, features)
