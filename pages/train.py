@@ -103,6 +103,34 @@ def progress_panel() -> None:
         st.caption(md_escape(msg))
 
 
+def _fine_tune_verdict(run_id: str) -> None:
+    """After a fine-tuned run: did it beat frozen on validation? If not, say so and offer the frozen model."""
+    from ui.recommend import fine_tune_verdict
+    from ui.settings import on_strategy_change
+
+    runs, _ = ws.store.list()
+    run = next((r for r in runs if r.run_id == run_id), None)
+    verdict = fine_tune_verdict(run, runs) if run is not None else None
+    if verdict is None:
+        return
+    if verdict["beat"]:
+        st.info(md_escape(verdict["text"]), icon=":material/trending_up:")
+        return
+    text, offer = st.columns([5, 2], vertical_alignment="center")
+    text.warning(md_escape(verdict["text"]), icon=":material/trending_flat:")
+    if verdict["frozen_run"]:
+        if offer.button("Use the frozen model", icon=":material/ac_unit:", key="train_use_frozen", width="stretch"):
+            state.EVAL_RUN.set(verdict["frozen_run"])
+            state.PREDICT_RUN.set(verdict["frozen_run"])
+            go("evaluate")
+    elif offer.button("Train it frozen instead", icon=":material/ac_unit:", key="train_frozen_instead",
+                      width="stretch", disabled=active):
+        state.STRATEGY.set("frozen")
+        on_strategy_change()
+        state.STRATEGY_SOURCE.set("person")
+        st.rerun()
+
+
 if snap is not None and not snap.active:
     if snap.status == "done":
         try:
@@ -118,6 +146,7 @@ if snap is not None and not snap.active:
                       icon_position="right", key="train_next_evaluate", width="stretch"):
             state.EVAL_RUN.set(snap.run_id)
             go("evaluate")
+        _fine_tune_verdict(snap.run_id)
     elif snap.status == "failed":
         show_error(snap.message, hint="Change the settings on the Model page and start again.")
     elif snap.status == "cancelled":
