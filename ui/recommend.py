@@ -54,6 +54,31 @@ def apply_as_default(job) -> bool:
     return True
 
 
+def defaults_help(ws, data, backbone: str) -> str:
+    """What "Train with defaults" will train, from the one source the Model page shows too.
+
+    The finished recommendation for this dataset and backbone when there is one (and the person has not
+    chosen a strategy themselves), else the settings as they stand.
+    """
+    from ui.settings import STRATEGY_TEXT
+
+    job = current_job(ws, data, backbone)
+    chosen = state.STRATEGY.get()
+    if job is not None and job.status == "done" and job.result is not None and state.STRATEGY_SOURCE.get() != "person":
+        rec = job.result
+        stages = f", the last {rec.trainable_stages} stages" if rec.strategy == "partial" and rec.trainable_stages else ""
+        return (f"Trains what the Model page recommends for these images: {STRATEGY_TEXT[rec.strategy][0].lower()}"
+                f"{stages}, {backbone}. {rec.reason}")
+    waiting = (" (the Model page's analysis of these images is still running)"
+               if job is not None and job.active else "")
+    return f"Trains the settings as they stand{waiting}: {STRATEGY_TEXT[chosen][0].lower()}, {backbone}."
+
+
+def apply_before_training(ws, data, backbone: str) -> None:
+    """Applies the finished recommendation (unless the person chose) so "Train with defaults" trains it."""
+    apply_as_default(current_job(ws, data, backbone))
+
+
 def describe(rec) -> str:
     """One line: the suggested strategy and why (the reason is the engine's plain sentence)."""
     from ui.widgets import md_escape
