@@ -56,20 +56,27 @@ def test_less_balance_shifts_the_logits_by_the_log_class_shares():
 
 
 def test_imbalanced_features_where_balancing_must_win():
-    # A rare class that overlaps the common one: unweighted, the head all but never predicts it.
-    x, y = blobs([300, 12], dim=30, sep=1.6, noise=1.0, seed=3)
+    # A rare class (24 images, enough for the evidence to decide) that overlaps the common one: unweighted,
+    # the head all but never predicts it.
+    x, y = blobs([400, 24], dim=30, sep=1.6, noise=1.0, seed=3)
     x_val, y_val = blobs([300, 60], dim=30, sep=1.6, noise=1.0, seed=4)
     choice = select_head(x, y, n_classes=2, seed=0)
+    assert {r["balance"] for r in choice.table} == {0.0, 0.5, 1.0}, "the evidence decides the balance here"
     assert choice.candidate.balance == 1.0, choice.summary()
-    rows = {(r["C"], r["standardise"], r["balance"]): r for r in choice.table}
     chosen = next(r for r in choice.table if r["chosen"])
-    unbalanced_best = max(r["balanced_accuracy"] for k, r in rows.items() if k[2] == 0.0)
+    unbalanced_best = max(r["balanced_accuracy"] for r in choice.table if r["balance"] == 0.0)
     assert chosen["balanced_accuracy"] > unbalanced_best + 0.05
     # And on new data the choice is what the evidence said: fairer to the rare class than no balancing.
     forced = select_head(x, y, n_classes=2, cands=[HeadCandidate(choice.candidate.C, choice.candidate.standardise, 0.0)])
     assert balanced_accuracy(choice.predict_proba(x_val).argmax(1), y_val) > balanced_accuracy(
         forced.predict_proba(x_val).argmax(1), y_val
     ) + 0.05
+
+
+def test_a_class_of_a_handful_of_images_is_always_balanced():
+    x, y = blobs([200, 8], dim=10, sep=2.0, seed=11)
+    choice = select_head(x, y, n_classes=2)
+    assert {r["balance"] for r in choice.table} == {1.0} and choice.candidate.balance == 1.0
 
 
 def test_the_regularisation_follows_the_evidence():

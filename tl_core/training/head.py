@@ -41,6 +41,8 @@ MAX_ITER = 50
 BALANCE_LEVELS: tuple[float, ...] = (1.0, 0.5, 0.0)
 # Candidates whose cross-validated balanced accuracy is this close to the best count as equally fair.
 BALANCED_TOLERANCE = 0.005
+# Below this many training images in the smallest class the head is always fully class-balanced.
+SMALL_CLASS = 20
 
 
 @dataclass(frozen=True)
@@ -209,13 +211,18 @@ def _fit_path(
         after_each(i, w.detach(), b.detach())
 
 
-def _scores(probs: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[float, float, float]:
-    """(accuracy, balanced accuracy, log loss) of ``probs`` against ``y``."""
+def _scores(probs: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[float, float, float, float]:
+    """(accuracy, balanced accuracy, log loss, balanced log loss) of ``probs`` against ``y``.
+
+    The balanced log loss averages each class's mean log loss, so a small class counts as much as a large one.
+    """
     pred = probs.argmax(1)
     acc = float((pred == y).mean())
-    recalls = [float((pred[y == k] == k).mean()) for k in range(n_classes) if (y == k).any()]
-    ll = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean())
-    return acc, float(np.mean(recalls)), ll
+    present = [k for k in range(n_classes) if (y == k).any()]
+    recalls = [float((pred[y == k] == k).mean()) for k in present]
+    nll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1))
+    bll = float(np.mean([nll[y == k].mean() for k in present]))
+    return acc, float(np.mean(recalls)), float(nll.mean()), bll
 
 
 def _standardiser(x: np.ndarray, per_feature: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -309,9 +316,10 @@ def _cross_validate(
 
 def _rank_key(row: dict, best_balanced: float) -> tuple:
     """Balanced accuracy first (within :data:`BALANCED_TOLERANCE` of the best counts as a tie), then
-    accuracy, then log loss."""
+    accuracy, then the stronger regularisation (scikit-learn's ``LogisticRegressionCV`` convention, and the
+    safer choice with few images), then the balanced log loss."""
     near_best = row["balanced_accuracy"] >= best_balanced - BALANCED_TOLERANCE
-    return (not near_best, -row["accuracy"], -row["balanced_accuracy"], row["log_loss"])
+    return (not near_best, -row["accuracy"], -row["balanced_accuracy"], row["C"], row["balanced_log_loss"])
 
 
 def select_head(
@@ -327,7 +335,8 @@ def select_head(
 
     Ranking, on the out-of-fold predictions: the candidates whose balanced accuracy is within
     :data:`BALANCED_TOLERANCE` of the best (no class is sacrificed), then the most accurate of those, then
-    the lowest log loss (the better calibrated).
+    the strongest regularisation, then the lowest balanced log loss. With fewer than :data:`SMALL_CLASS`
+    training images in a class, only fully balanced candidates compete.
 
     Args:
         features: Training features, ``[n, dim]`` or ``[n, views, dim]`` (augmented views of each image).
@@ -355,6 +364,11 @@ def select_head(
             "each; add images to the smallest class"
         )
     cands = list(cands) if cands is not None else candidates()
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < SMALL_CLASS and any(c.balance == 1.0 for c in cands):
+        # A handful of images in a class: cross-validation cannot tell how far to balance, and a rare class
+        # that is never predicted is the worst outcome, so every class counts the same.
+        cands = [c for c in cands if c.balance == 1.0]
     k = n_folds(labels)
     per_fold = sum(len({c.C for c in cands if c.standardise == s}) for s in {c.standardise for c in cands})
     best_path_len = len(C_GRID)
@@ -362,10 +376,11 @@ def select_head(
     oof, k = _cross_validate(feats, labels, n_classes, cands, seed, progress, total)
     table = []
     for c in cands:
-        acc, bal, ll = _scores(oof[c], labels, n_classes)
+        acc, bal, ll, bll = _scores(oof[c], labels, n_classes)
         table.append({
-            "C": c.C, "standardise": c.standardise, "balance": c.balance,
-            "accuracy": round(acc, 5), "balanced_accuracy": round(bal, 5), "log_loss": round(ll, 5), "chosen": False,
+            "C": c.C, "standardise": c.standardise, "balance": c.balance, "accuracy": round(acc, 5),
+            "balanced_accuracy": round(bal, 5), "log_loss": round(ll, 5), "balanced_log_loss": round(bll, 5),
+            "chosen": False,
         })
     best_bal = max(r["balanced_accuracy"] for r in table)
     best_i = min(range(len(cands)), key=lambda i: _rank_key(table[i], best_bal))
