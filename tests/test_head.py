@@ -76,7 +76,8 @@ def test_imbalanced_features_where_balancing_must_win():
 def test_a_class_of_a_handful_of_images_is_always_balanced():
     x, y = blobs([200, 8], dim=10, sep=2.0, seed=11)
     choice = select_head(x, y, n_classes=2)
-    assert {r["balance"] for r in choice.table} == {1.0} and choice.candidate.balance == 1.0
+    assert {(r["balance"], r["standardise"]) for r in choice.table} == {(1.0, True)}
+    assert choice.candidate.balance == 1.0 and len(choice.table) == len(C_GRID)
 
 
 def test_the_regularisation_follows_the_evidence():

@@ -336,7 +336,8 @@ def select_head(
     Ranking, on the out-of-fold predictions: the candidates whose balanced accuracy is within
     :data:`BALANCED_TOLERANCE` of the best (no class is sacrificed), then the most accurate of those, then
     the strongest regularisation, then the lowest balanced log loss. With fewer than :data:`SMALL_CLASS`
-    training images in a class, only fully balanced candidates compete.
+    training images in a class, only standardised, fully balanced candidates compete, ranked by accuracy
+    (ties: the stronger regularisation).
 
     Args:
         features: Training features, ``[n, dim]`` or ``[n, views, dim]`` (augmented views of each image).
@@ -365,10 +366,13 @@ def select_head(
         )
     cands = list(cands) if cands is not None else candidates()
     counts = np.bincount(labels)
-    if counts[counts > 0].min() < SMALL_CLASS and any(c.balance == 1.0 for c in cands):
-        # A handful of images in a class: cross-validation cannot tell how far to balance, and a rare class
-        # that is never predicted is the worst outcome, so every class counts the same.
-        cands = [c for c in cands if c.balance == 1.0]
+    few = counts[counts > 0].min() < SMALL_CLASS
+    if few and any(c.balance == 1.0 and c.standardise for c in cands):
+        # A handful of images in a class: its few held-out images make every cross-validated score noisy,
+        # and the more candidates compete the more the winner is the luckiest rather than the best. Only
+        # the regularisation is searched, on standardised, fully balanced fits (a rare class that is never
+        # predicted is the worst outcome), by accuracy with ties to the stronger regularisation.
+        cands = [c for c in cands if c.balance == 1.0 and c.standardise]
     k = n_folds(labels)
     per_fold = sum(len({c.C for c in cands if c.standardise == s}) for s in {c.standardise for c in cands})
     best_path_len = len(C_GRID)
@@ -383,7 +387,10 @@ def select_head(
             "chosen": False,
         })
     best_bal = max(r["balanced_accuracy"] for r in table)
-    best_i = min(range(len(cands)), key=lambda i: _rank_key(table[i], best_bal))
+    if few:
+        best_i = min(range(len(cands)), key=lambda i: (-table[i]["accuracy"], cands[i].C))
+    else:
+        best_i = min(range(len(cands)), key=lambda i: _rank_key(table[i], best_bal))
     table[best_i]["chosen"] = True
     best = cands[best_i]
     # Refit on every training image along the same warm-started path up to the chosen C, so the refit
