@@ -99,8 +99,6 @@ def run_name(config) -> str:
         parts.append(f"hidden {cfg.hidden}")
     if cfg.augment != "none":
         parts.append(f"{cfg.augment} augmentation")
-    if cfg.strategy == "frozen" and not cfg.head_by_evidence and not cfg.hidden:
-        parts.append("head by epochs")
     if cfg.epochs != default.epochs and not cfg.head_by_evidence:
         parts.append(f"{cfg.epochs} epochs")
     if cfg.lr != default.lr and not cfg.head_by_evidence:
