@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .optim import class_weights
+
 logger = logging.getLogger(__name__)
 
 #: ``progress(done, total)``: called after each fit of the search; it may raise to stop the search.
@@ -158,14 +160,6 @@ def n_folds(labels: np.ndarray) -> int:
     return int(min(k, counts.min()))
 
 
-def _class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.zeros(n_classes)
-    w[present] = len(y) / (present.sum() * counts[present])
-    return w
-
-
 def _log_prior(y: np.ndarray, n_classes: int) -> np.ndarray:
     """Log of each class's share of ``y``; a class absent from ``y`` gets a share of half an image."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -262,7 +256,7 @@ def _fit_balanced(
     x = torch.from_numpy((x_raw - mean) / scale)
     counts = np.bincount(y, minlength=n_classes)
     balanced = counts[counts > 0].min() == counts[counts > 0].max()
-    sw = None if balanced else torch.from_numpy(_class_weights(y, n_classes)[y].astype(np.float32))
+    sw = None if balanced else class_weights(y, n_classes)[torch.from_numpy(y)]
     _fit_path(x, torch.from_numpy(y).long(), n_classes, cs, sw, lambda i, w, b: after_each(i, w, b, mean, scale))
 
 
