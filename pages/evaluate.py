@@ -75,8 +75,8 @@ with overview:
     base = ev.majority_baseline()
     c = st.columns(4)
     c[0].metric("Accuracy", percent(m["accuracy"]), border=True,
-                delta=(f"{(m['accuracy'] - base['accuracy']) * 100:+.1f} points vs always “{base['class']}” "
-                       f"({percent(base['accuracy'])})") if base["class"] is not None else None,
+                delta=(f"{(m['accuracy'] - base['accuracy']) * 100:+.1f} pts vs baseline"
+                       if base["class"] is not None else None),
                 delta_color="normal",
                 help="Share of the images it got right; beside it, the majority-class baseline: what always "
                      "answering the most common class of these images would score.")
@@ -92,6 +92,9 @@ with overview:
                    f"is right {percent(m['accuracy'])}. It has not learnt to tell the classes apart yet: add "
                    "images to the small classes, check the labels on the Data page, or try another strategy.",
                    icon=":material/warning:")
+    if base["class"] is not None:
+        st.caption(f"Majority-class baseline: always answering “{md_escape(base['class'])}”, the most common class "
+                   f"of these images, would be right {percent(base['accuracy'])} of the time.")
     recalls = ev.per_class()
     recalls = recalls[recalls["support"] > 0]
     if len(recalls):

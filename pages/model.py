@@ -159,8 +159,9 @@ with c2:
                  format_func=lambda v: "none (one linear layer)" if v == 0 else f"{v} units",
                  help="A hidden layer lets the head combine features; with few images, none is safer.",
                  **state.HIDDEN.widget)
-    st.slider("Dropout", 0.0, 0.7, step=0.05,
-              help="Randomly ignores some features while training, against memorising. Default 0.2.",
+    st.slider("Dropout", 0.0, 0.7, step=0.05, disabled=by_evidence,
+              help="Randomly ignores some features while training, against memorising. Default 0.2. Not used "
+                   "when cross-validation chooses the head (its regularisation is chosen instead).",
               **state.DROPOUT.widget)
 with c3:
     st.selectbox("Class balance", ["auto", "weights", "sampler", "none"],
@@ -170,6 +171,7 @@ with c3:
                       "(training by epochs: class weights when the classes are unbalanced).",
                  **state.BALANCE.widget)
     st.number_input("Early stopping (epochs without improvement)", min_value=0, max_value=100, step=1,
+                    disabled=by_evidence,
                     help="Stop when the validation loss has not improved for this many epochs. 0 = off.",
                     **state.PATIENCE.widget)
     st.number_input("Time limit (seconds)", min_value=0, max_value=7200, step=30,
