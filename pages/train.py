@@ -80,8 +80,13 @@ def progress_panel() -> None:
         st.markdown("**Step 2 · Training the new head**")
     else:
         st.markdown("**Training** (every image goes through the whole network each epoch)")
+    cv_head = TrainConfig.from_dict(p.config).resolved().head_by_evidence if p.config else False
     if p.epoch == 0:
         epoch_text = "waiting for step 1" if p.uses_features else "starting…"
+    elif cv_head:
+        epoch_text = ("head chosen by cross-validation and refitted" if p.history else
+                      "comparing head settings by cross-validation on the training images"
+                      + (f" · about {seconds(p.epochs_eta)} left" if p.active and p.epochs_eta == p.epochs_eta else ""))
     else:
         # On cached features "images per second" would count feature vectors: only shown when fine-tuning.
         epoch_text = (f"epoch {p.epoch} of {p.epochs}"
@@ -92,10 +97,17 @@ def progress_panel() -> None:
     latest = p.history[-1]["val_accuracy"] if p.history else None
     m[0].metric("Validation accuracy", percent(latest), help="Of the latest epoch. The run keeps the epoch with the "
                 "lowest validation loss, which is usually, not always, the most accurate one.")
-    m[1].metric("Epochs done", len(p.history))
+    if cv_head:
+        m[1].metric("Head", "chosen" if p.history else "choosing…",
+                    help="Settings compared by cross-validation on the training images, the best refitted.")
+    else:
+        m[1].metric("Epochs done", len(p.history))
     m[2].metric("Time", seconds(p.elapsed if p.active else p.wall_seconds))
     m[3].metric("Device", p.device.upper())
-    if p.history:
+    if cv_head:
+        if p.history and p.message:
+            st.caption(md_escape(p.message))
+    elif p.history:
         st.plotly_chart(training_curves(p.history, p.epochs), key="train_curves", config={"displayModeBar": False})
     elif p.active:
         st.caption("The curves of loss and accuracy appear here after the first epoch.")
@@ -140,8 +152,10 @@ if snap is not None and not snap.active:
         note = "" if snap.outcome == "completed" else f" {md_escape(snap.message)}"
         done, nxt = st.columns([5, 2], vertical_alignment="center")
         done.success(f"**Done in {seconds(snap.wall_seconds)}.** Validation accuracy of the kept model: "
-                     f"**{percent(kept.get('val_accuracy'))}** (epoch {kept.get('best_epoch', '–')} of "
-                     f"{kept.get('epochs_run', '–')}).{note}", icon=":material/check_circle:")
+                     f"**{percent(kept.get('val_accuracy'))}** "
+                     + ("(head chosen by cross-validation)." if kept.get("head_choice") else
+                        f"(epoch {kept.get('best_epoch', '–')} of {kept.get('epochs_run', '–')}).")
+                     + note, icon=":material/check_circle:")
         if nxt.button("Next: see how good it is", type="primary", icon=":material/arrow_forward:",
                       icon_position="right", key="train_next_evaluate", width="stretch"):
             state.EVAL_RUN.set(snap.run_id)

@@ -147,3 +147,16 @@ def test_train_with_defaults_says_and_trains_what_the_model_page_recommends():
     assert [t.value for t in at.title] == ["Train"]
     assert at.session_state["ts_strategy"] == rec.strategy
 
+
+
+def test_train_page_reports_a_head_chosen_by_cross_validation(tiny_dataset):
+    at = new_app().run()
+    ws = workspace(at)
+    ws.job = _train(ws, tiny_dataset, {"ants": 6, "bees": 6}, head="cv")
+    ws.set_dataset(ws.job.data, kind="folder", path=ws.job.data.root, label="tiny")
+    goto(at, "train")
+    assert_clean(at)
+    assert any("head chosen by cross-validation" in s.value for s in at.success)
+    assert any(m.label == "Head" and m.value == "chosen" for m in at.metric)
+    assert any("cross" in c.value and "validation" in c.value and "refitted" in c.value for c in at.caption)
+    assert not at.get("plotly_chart"), "no one-point training curves"
