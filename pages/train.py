@@ -98,7 +98,7 @@ def progress_panel() -> None:
     m[0].metric("Validation accuracy", percent(latest), help="Of the latest epoch. The run keeps the epoch with the "
                 "lowest validation loss, which is usually, not always, the most accurate one.")
     if cv_head:
-        m[1].metric("Head", "chosen" if p.history else "choosing…",
+        m[1].metric("Head", "chosen" if p.history else ("choosing…" if p.epoch else "–"),
                     help="Settings compared by cross-validation on the training images, the best refitted.")
     else:
         m[1].metric("Epochs done", len(p.history))
