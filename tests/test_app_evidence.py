@@ -160,3 +160,15 @@ def test_train_page_reports_a_head_chosen_by_cross_validation(tiny_dataset):
     assert any(m.label == "Head" and m.value == "chosen" for m in at.metric)
     assert any("cross" in c.value and "validation" in c.value and "refitted" in c.value for c in at.caption)
     assert not at.get("plotly_chart"), "no one-point training curves"
+
+
+def test_majority_baseline_is_the_best_constant_answer_on_the_split():
+    import numpy as np
+
+    from tl_core.evaluation import Evaluation
+
+    probs = np.eye(3)[[0, 0, 1, 1, 1, 2]]
+    ev = Evaluation(["a", "b", "c"], [0, 1, 1, 1, 1, 2], probs, [str(i) for i in range(6)])
+    assert ev.majority_baseline() == {"class": "b", "accuracy": 4 / 6, "balanced_accuracy": 1 / 3}
+    empty = Evaluation(["a", "b"], [], np.zeros((0, 2)), [])
+    assert empty.majority_baseline()["class"] is None
