@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from tl_core.data import DataError, Limits
-from ui import augment, camera, quality, session, state
+from ui import augment, camera, quality, recommend, session, state
 from ui.cache import thumb
 from ui.datasets import (
     add_batch,
@@ -43,7 +43,8 @@ if data is not None:
             go("model")
     with top[2]:
         if st.button("Train with defaults", icon=":material/bolt:", key="data_skip_to_train", width="stretch",
-                     help="The recommended settings (a frozen EfficientNet-Lite0) suit most small image sets."):
+                     help=recommend.defaults_help(ws, data, state.BACKBONE.get())):
+            recommend.apply_before_training(ws, data, state.BACKBONE.get())
             go("train")
 
 # --------------------------------------------------------------------------------------------------

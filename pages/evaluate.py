@@ -84,14 +84,38 @@ overview, mistakes_tab, looks_tab, map_tab, compare_tab = st.tabs(TABS, on_chang
 if overview.open:
     with overview:
         m = ev.metrics()
+        base = ev.majority_baseline()
         c = st.columns(4)
         c[0].metric("Accuracy", percent(m["accuracy"]), border=True,
-                    help="Share of the images it got right.")
+                    delta=(f"{(m['accuracy'] - base['accuracy']) * 100:+.1f} pts vs baseline"
+                           if base["class"] is not None else None),
+                    delta_color="normal",
+                    help="Share of the images it got right; beside it, the majority-class baseline: what always "
+                         "answering the most common class of these images would score.")
         c[1].metric("Balanced accuracy", percent(m["balanced_accuracy"]), border=True,
                     help="Accuracy of each class, averaged: a small class counts as much as a large one.")
         c[2].metric("Macro F1", f"{m['macro_f1']:.3f}", border=True,
                     help="Balances missed images and false alarms, averaged over the classes (1 is perfect).")
         c[3].metric("Images checked", m["n"], border=True, help="Images of this split; the model never trained on them.")
+
+        if base["class"] is not None and m["accuracy"] <= base["accuracy"]:
+            st.warning(f"**This model does not beat the majority-class baseline.** Always answering "
+                       f"“{md_escape(base['class'])}” would be right {percent(base['accuracy'])} of the time; the model "
+                       f"is right {percent(m['accuracy'])}. It has not learnt to tell the classes apart yet: add "
+                       "images to the small classes, check the labels on the Data page, or try another strategy.",
+                       icon=":material/warning:")
+        if base["class"] is not None:
+            st.caption(f"Majority-class baseline: always answering “{md_escape(base['class'])}”, the most common class "
+                       f"of these images, would be right {percent(base['accuracy'])} of the time.")
+        recalls = ev.per_class()
+        recalls = recalls[recalls["support"] > 0]
+        if len(recalls):
+            worst = recalls["recall"].min()
+            st.markdown("**Found per class (recall)** · " + " · ".join(
+                (f"**{md_escape(r['class'])} {percent(r['recall'])}**" if r["recall"] == worst and worst < 1 else
+                 f"{md_escape(r['class'])} {percent(r['recall'])}") + f" of {int(r['support'])}"
+                for _, r in recalls.iterrows()))
+            st.caption("Of the images of each class, the share the model recognised; the weakest class is in bold.")
 
         left, right = st.columns([3, 2], gap="large")
         with left:

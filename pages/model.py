@@ -7,7 +7,7 @@ from tl_core.model import default_trainable_stages
 from ui import recommend, session, state
 from ui.cache import backbone_table, stage_summary
 from ui.figures import human_count, stage_diagram
-from ui.settings import STRATEGY_DEFAULTS, STRATEGY_TEXT, on_strategy_change
+from ui.settings import STRATEGY_DEFAULTS, STRATEGY_TEXT, head_fit, on_strategy_change
 from ui.widgets import go, md_escape
 
 ws = session.current()
@@ -136,29 +136,41 @@ with right:
 
 st.subheader("3 · Head and training settings")
 defaults = STRATEGY_DEFAULTS[strategy]
+by_evidence = head_fit(strategy) == "cv"
+if strategy == "frozen":
+    st.radio("How the head learns", ["cv", "epochs"], horizontal=True,
+             format_func={"cv": "chosen by cross-validation (recommended)", "epochs": "fixed epochs and learning rate"}.get,
+             help="Cross-validation compares head settings (regularisation, feature scaling, class balance) on your "
+                  "training images only, keeps the best and refits it: seconds, and no guessing. A hidden layer "
+                  "always trains by epochs.", **state.HEAD_FIT.widget)
 c1, c2, c3 = st.columns(3, gap="large")
 with c1:
-    st.number_input("Epochs", min_value=1, max_value=300, step=1,
+    st.number_input("Epochs", min_value=1, max_value=300, step=1, disabled=by_evidence,
                     help=f"How many times training goes through all images. Default {defaults['epochs']} for this "
-                         "strategy; the best epoch is kept.", **state.EPOCHS.widget)
+                         "strategy; the best epoch is kept. Not used when cross-validation chooses the head.",
+                    **state.EPOCHS.widget)
     st.select_slider("Learning rate", options=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], format_func=lambda v: f"{v:g}",
+                     disabled=by_evidence,
                      help=f"How big each learning step is. Default {defaults['lr']:g}; lower it if the loss jumps "
-                          "around.", **state.LEARNING_RATE.widget)
+                          "around. Not used when cross-validation chooses the head.", **state.LEARNING_RATE.widget)
 with c2:
     st.selectbox("Hidden layer in the head", [0, 128, 256, 512],
                  format_func=lambda v: "none (one linear layer)" if v == 0 else f"{v} units",
                  help="A hidden layer lets the head combine features; with few images, none is safer.",
                  **state.HIDDEN.widget)
-    st.slider("Dropout", 0.0, 0.7, step=0.05,
-              help="Randomly ignores some features while training, against memorising. Default 0.2.",
+    st.slider("Dropout", 0.0, 0.7, step=0.05, disabled=by_evidence,
+              help="Randomly ignores some features while training, against memorising. Default 0.2. Not used "
+                   "when cross-validation chooses the head (its regularisation is chosen instead).",
               **state.DROPOUT.widget)
 with c3:
     st.selectbox("Class balance", ["auto", "weights", "sampler", "none"],
-                 format_func={"auto": "auto (weights when unbalanced)", "weights": "weight rare classes more",
+                 format_func={"auto": "auto (chosen by the evidence)", "weights": "weight rare classes more",
                               "sampler": "show rare classes more often", "none": "none"}.get,
-                 help="Keeps a large class from drowning out a small one. Auto is right almost always.",
+                 help="Keeps a large class from drowning out a small one. Auto lets cross-validation choose how much "
+                      "(training by epochs: class weights when the classes are unbalanced).",
                  **state.BALANCE.widget)
     st.number_input("Early stopping (epochs without improvement)", min_value=0, max_value=100, step=1,
+                    disabled=by_evidence,
                     help="Stop when the validation loss has not improved for this many epochs. 0 = off.",
                     **state.PATIENCE.widget)
     st.number_input("Time limit (seconds)", min_value=0, max_value=7200, step=30,
@@ -166,7 +178,7 @@ with c3:
                     **state.TIME_BUDGET.widget)
 st.caption(f"Augmentation: **{state.AUGMENT.get()}** (set on the Data page, where you can preview it).")
 if st.button("Restore the recommended settings", icon=":material/restart_alt:", key="model_defaults"):
-    for key in (state.BACKBONE, state.STRATEGY, state.TRAINABLE_STAGES, state.EPOCHS, state.LEARNING_RATE,
+    for key in (state.BACKBONE, state.STRATEGY, state.TRAINABLE_STAGES, state.HEAD_FIT, state.EPOCHS, state.LEARNING_RATE,
                 state.HIDDEN, state.DROPOUT, state.BALANCE, state.PATIENCE, state.TIME_BUDGET, state.STRATEGY_SOURCE):
         key.reset()
     if rec_job is not None and rec_job.status == "done" and rec_job.result is not None:

@@ -90,8 +90,13 @@ def progress_panel() -> None:
         st.markdown("**Step 2 · Training the new head**")
     else:
         st.markdown("**Training** (every image goes through the whole network each epoch)")
+    cv_head = TrainConfig.from_dict(p.config).resolved().head_by_evidence if p.config else False
     if p.epoch == 0:
         epoch_text = "waiting for step 1" if p.uses_features else "starting…"
+    elif cv_head:
+        epoch_text = ("head chosen by cross-validation and refitted" if p.history else
+                      "comparing head settings by cross-validation on the training images"
+                      + (f" · about {seconds(p.epochs_eta)} left" if p.active and p.epochs_eta == p.epochs_eta else ""))
     else:
         # On cached features "images per second" would count feature vectors: only shown when fine-tuning.
         epoch_text = (f"epoch {p.epoch} of {p.epochs}"
@@ -104,18 +109,27 @@ def progress_panel() -> None:
     if p.status == "done" and kept_metrics:
         # The saved run's own figure: exactly what Evaluate, the sidebar and the runs table show.
         m[0].metric("Validation accuracy · kept model", percent(kept_metrics.get("val_accuracy")),
-                    help=f"Of the model the run kept: {kept_epoch(kept_metrics)}, the one with the lowest "
-                         "validation loss. Evaluate shows this model.")
+                    help=("Of the head chosen by cross-validation and refitted on all training images."
+                          if kept_metrics.get("head_choice") else
+                          f"Of the model the run kept: {kept_epoch(kept_metrics)}, the one with the lowest "
+                          "validation loss.") + " Evaluate shows this model.")
     else:
         which = ("the head warm-up" if kept and kept.get("epoch") == 0
                  else f"epoch {kept['epoch']}" if kept else "no epoch yet")
         m[0].metric("Validation accuracy · best so far", percent(kept["val_accuracy"] if kept else None),
                     help=f"Of the epoch the run would keep now ({which}): the lowest validation loss. The latest "
                          "epoch's own figure is on the curves.")
-    m[1].metric("Epochs done", f"{len(done_epochs)} of {p.epochs}")
+    if cv_head:
+        m[1].metric("Head", "chosen" if p.history else ("choosing…" if p.epoch else "–"),
+                    help="Settings compared by cross-validation on the training images, the best refitted.")
+    else:
+        m[1].metric("Epochs done", f"{len(done_epochs)} of {p.epochs}")
     m[2].metric("Time", seconds(p.elapsed if p.active else p.wall_seconds))
     m[3].metric("Device", short_name(p.device), help=f"This run trains on {device_label(p.device)}.")
-    if p.history:
+    if cv_head:
+        if p.history and p.message:
+            st.caption(md_escape(p.message))
+    elif p.history:
         kept_at = kept_metrics.get("best_epoch") if p.status == "done" and kept_metrics else (
             kept["epoch"] if kept else None)
         st.plotly_chart(training_curves(p.history, p.epochs, kept=kept_at), key="train_curves",
@@ -133,19 +147,51 @@ if snap is not None and snap.status == "done" and mine:
     except Exception:  # noqa: BLE001 - a deleted run: the message alone is enough
         kept_metrics = {}
 
+
+def _fine_tune_verdict(run_id: str) -> None:
+    """After a fine-tuned run: did it beat frozen on validation? If not, say so and offer the frozen model."""
+    from ui.recommend import fine_tune_verdict
+    from ui.settings import on_strategy_change
+
+    runs, _ = ws.store.list()
+    run = next((r for r in runs if r.run_id == run_id), None)
+    verdict = fine_tune_verdict(run, runs) if run is not None else None
+    if verdict is None:
+        return
+    if verdict["beat"]:
+        st.info(md_escape(verdict["text"]), icon=":material/trending_up:")
+        return
+    text, offer = st.columns([5, 2], vertical_alignment="center")
+    text.warning(md_escape(verdict["text"]), icon=":material/trending_flat:")
+    if verdict["frozen_run"]:
+        if offer.button("Use the frozen model", icon=":material/ac_unit:", key="train_use_frozen", width="stretch"):
+            state.EVAL_RUN.set(verdict["frozen_run"])
+            state.PREDICT_RUN.set(verdict["frozen_run"])
+            go("evaluate")
+    elif offer.button("Train it frozen instead", icon=":material/ac_unit:", key="train_frozen_instead",
+                      width="stretch", disabled=active):
+        state.STRATEGY.set("frozen")
+        on_strategy_change()
+        state.STRATEGY_SOURCE.set("person")
+        st.rerun()
+
+
 if snap is not None and not snap.active and mine:
     if snap.status == "done":
         note = "" if snap.outcome == "completed" else f" {md_escape(snap.message)}"
         done, nxt = st.columns([5, 2], vertical_alignment="center")
         done.success(f"**Done in {seconds(snap.wall_seconds)}.** Validation accuracy of the kept model: "
-                     f"**{percent(kept_metrics.get('val_accuracy'))}** ({kept_epoch(kept_metrics)}).{note}",
-                     icon=":material/check_circle:")
+                     f"**{percent(kept_metrics.get('val_accuracy'))}** "
+                     + ("(head chosen by cross-validation)." if kept_metrics.get("head_choice") else
+                        f"({kept_epoch(kept_metrics)}).")
+                     + note, icon=":material/check_circle:")
         for warning in kept_metrics.get("warnings") or []:  # the same warnings as `train --json`
             st.warning(md_escape(warning), icon=":material/warning:")
         if nxt.button("Next: see how good it is", type="primary", icon=":material/arrow_forward:",
                       icon_position="right", key="train_next_evaluate", width="stretch"):
             state.EVAL_RUN.set(snap.run_id)
             go("evaluate")
+        _fine_tune_verdict(snap.run_id)
     elif snap.status == "failed":
         show_error(snap.message, hint="Change the settings on the Model page and start again.")
     elif snap.status == "cancelled":

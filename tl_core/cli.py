@@ -197,6 +197,7 @@ def _train_config(args):
         batch_size=args.batch_size,
         lr=args.lr,
         hidden=args.hidden,
+        head=args.head,
         augment=args.augment,
         patience=args.patience,
         seed=args.seed,
@@ -567,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int)
     sp.add_argument("--lr", type=float)
     sp.add_argument("--hidden", type=int, default=0, help="hidden layer width of the head (0: none)")
+    sp.add_argument("--head", default="auto", choices=["auto", "cv", "epochs"],
+                    help="frozen: cv chooses the head's setting by cross-validation on the training split and "
+                         "refits it; epochs trains it by --epochs/--lr; auto (default): cv unless --epochs, --lr "
+                         "or --hidden is given")
     sp.add_argument("--augment", default="auto",
                     help="auto (none on cached features, light when fine-tuning), none, light, strong, or each "
                          "operation's strength from 0 to 1, e.g. 'crop=0.5,flip=1,rotate=0.2,colour=0.3,blur=0.2' "

@@ -77,6 +77,23 @@ class Evaluation:
             "n": int(len(yt)),
         }
 
+    def majority_baseline(self) -> dict:
+        """What always answering this split's most common class would score: the bar a model must clear.
+
+        Returns ``{"class": name, "accuracy": share of that class, "balanced_accuracy": 1 / classes present}``
+        (accuracy NaN when the split is empty). Counting on the evaluated images themselves makes it the
+        best any constant answer can do here, so "beats the baseline" is never flattered.
+        """
+        if not len(self.y_true):
+            return {"class": None, "accuracy": float("nan"), "balanced_accuracy": float("nan")}
+        counts = np.bincount(self.y_true, minlength=len(self.class_names))
+        k = int(counts.argmax())
+        return {
+            "class": self.class_names[k],
+            "accuracy": float(counts[k] / counts.sum()),
+            "balanced_accuracy": float(1.0 / (counts > 0).sum()),
+        }
+
     def per_class(self) -> pd.DataFrame:
         """Precision, recall, F1 and support per class."""
         if not len(self.y_true):  # sklearn refuses empty input; metrics() reports n=0 the same way

@@ -65,6 +65,7 @@ def train_config():
         epochs=int(state.EPOCHS.get()),
         lr=float(state.LEARNING_RATE.get()),
         hidden=int(state.HIDDEN.get()),
+        head=head_fit(strategy),
         dropout=float(state.DROPOUT.get()),
         augment=state.AUGMENT.get(),
         balance=state.BALANCE.get(),
@@ -77,10 +78,17 @@ def train_config():
     )
 
 
+def head_fit(strategy: str) -> str:
+    """``cv`` when the frozen head is chosen by cross-validation (a linear head), else ``epochs``."""
+    cv = strategy == "frozen" and state.HEAD_FIT.get() == "cv" and not int(state.HIDDEN.get())
+    return "cv" if cv else "epochs"
+
+
 def describe(config) -> str:
     """One line about a config, for people."""
     strategy = STRATEGY_TEXT[config.strategy][0].lower()
-    return f"{config.backbone} · {strategy} · {config.epochs} epochs · augmentation {config.augment}"
+    how = "head chosen by cross-validation" if config.head_by_evidence else f"{config.epochs} epochs"
+    return f"{config.backbone} · {strategy} · {how} · augmentation {config.augment}"
 
 
 def run_name(config) -> str:
@@ -93,9 +101,9 @@ def run_name(config) -> str:
         parts.append(f"hidden {cfg.hidden}")
     if cfg.augment != "none":
         parts.append(f"{cfg.augmentation.label} augmentation")
-    if cfg.epochs != default.epochs:
+    if cfg.epochs != default.epochs and not cfg.head_by_evidence:
         parts.append(f"{cfg.epochs} epochs")
-    if cfg.lr != default.lr:
+    if cfg.lr != default.lr and not cfg.head_by_evidence:
         parts.append(f"lr {cfg.lr:g}")
     if cfg.dropout != default.dropout:
         parts.append(f"dropout {cfg.dropout:g}")

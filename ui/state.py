@@ -152,6 +152,7 @@ BACKBONE = _declare("ts_backbone", "efficientnet_lite0", "Chosen pretrained back
 STRATEGY = _declare("ts_strategy", "frozen", "frozen, partial or full.")
 STRATEGY_SOURCE = _declare("ts_strategy_source", "default", "Who chose the strategy: default, recommended or person.")
 TRAINABLE_STAGES = _declare("ts_trainable_stages", None, "For partial: how many last stages train (None: default).")
+HEAD_FIT = _declare("ts_head_fit", "cv", "Frozen head: cv (chosen by cross-validation) or epochs.")
 EPOCHS = _declare("ts_epochs", 40, "Most epochs.")
 LEARNING_RATE = _declare("ts_lr", 3e-3, "Peak learning rate of the head.")
 HIDDEN = _declare("ts_hidden", 0, "Width of the head's hidden layer (0: none).")

@@ -64,7 +64,7 @@ from .curve import LearningCurve, learning_curve, nested_subsets
 from .inside import ImageInput, feature_maps, first_layer_filters, imagenet_top5, resolve_stages
 from .recommend import (
     CLOSE_CONFIDENCE,
-    CLOSE_SEPARABILITY,
+    FINE_TUNE_BELOW,
     FEW_PER_CLASS,
     MANY_PER_CLASS,
     Recommendation,
@@ -73,7 +73,7 @@ from .recommend import (
 
 __all__ = [
     "CLOSE_CONFIDENCE",
-    "CLOSE_SEPARABILITY",
+    "FINE_TUNE_BELOW",
     "DEFAULT_BUDGET_SECONDS",
     "DEFAULT_CURVE_BUDGET_SECONDS",
     "DEFAULT_FINETUNE",

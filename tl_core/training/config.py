@@ -150,6 +150,11 @@ class TrainConfig:
         weights: ``pretrained``, ``random``, or a path to a state-dict file.
         hidden: Width of an optional hidden layer in the head (0: none).
         dropout: Dropout in the head.
+        head: How the head learns on the frozen path. ``cv``: its setting (regularisation, feature
+            standardisation, class balance) is chosen by stratified k-fold cross-validation on the training
+            split and the best one is refitted by L-BFGS (:mod:`.head`); ``epochs``: AdamW epochs with
+            ``epochs``, ``lr`` and ``batch_size``; ``auto`` (default): ``cv``, unless ``epochs`` or ``lr`` is
+            given (asking for the epoch recipe) or the head has a hidden layer (not a linear model).
         epochs: Most epochs (``None``: 40 on cached features, 8 when fine-tuning).
         batch_size: Images per batch (``None``: 64 on cached features, 16 when fine-tuning).
         lr: Peak learning rate of the head (``None``: 3e-3 on cached features, 1e-3 when fine-tuning).
@@ -183,6 +188,7 @@ class TrainConfig:
     weights: str = "pretrained"
     hidden: int = 0
     dropout: float = 0.2
+    head: Literal["auto", "cv", "epochs"] = "auto"
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -212,6 +218,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {v}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.head not in ("auto", "cv", "epochs"):
+            raise ValueError(f"head must be auto, cv or epochs, not {self.head!r}")
+        if self.head == "cv" and self.hidden:
+            raise ValueError("head='cv' fits a linear head; it cannot have a hidden layer (use head='epochs')")
         if self.views < 1:
             raise ValueError("views must be at least 1")
         if self.augment != "auto":
@@ -227,11 +237,22 @@ class TrainConfig:
         """Whether the fast path applies: nothing in the backbone trains."""
         return self.strategy == "frozen"
 
+    @property
+    def head_by_evidence(self) -> bool:
+        """Whether the head is chosen by cross-validation (frozen path, ``head`` resolving to ``cv``)."""
+        return self.cached_features and self._head() == "cv"
+
+    def _head(self) -> str:
+        if self.head != "auto":
+            return self.head
+        return "epochs" if (self.epochs is not None or self.lr is not None or self.hidden) else "cv"
+
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` default filled in for this strategy."""
         fast = self.cached_features
         return replace(
             self,
+            head=self._head(),
             epochs=self.epochs or (40 if fast else 8),
             batch_size=self.batch_size or (64 if fast else 16),
             lr=self.lr or (3e-3 if fast else 1e-3),
@@ -367,6 +388,8 @@ class FitResult:
             people; the run still trained.
         calibration: Temperature and "not sure" threshold fitted on validation
             (:meth:`tl_core.calibration.Calibration.to_dict`), or ``None``.
+        head_choice: On the frozen path with ``head="auto"``: the head setting cross-validation chose and
+            its cross-validated scores (:meth:`tl_core.training.head.HeadChoice.summary`).
     """
 
     model: TransferModel
@@ -385,6 +408,7 @@ class FitResult:
     device: str
     warnings: list[str] = field(default_factory=list)
     calibration: dict | None = None
+    head_choice: dict | None = None
 
     def summary(self) -> dict:
         m = self.evaluation.metrics()
@@ -407,6 +431,7 @@ class FitResult:
             "train_images": len(self.splits.train),
             "val_images": len(self.splits.val),
             "warnings": list(self.warnings),
+            "head_choice": self.head_choice,
         }
 
 

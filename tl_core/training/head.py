@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .optim import class_weights
+
 logger = logging.getLogger(__name__)
 
 #: ``progress(done, total)``: called after each fit of the search; it may raise to stop the search.
@@ -41,6 +43,8 @@ MAX_ITER = 50
 BALANCE_LEVELS: tuple[float, ...] = (1.0, 0.5, 0.0)
 # Candidates whose cross-validated balanced accuracy is this close to the best count as equally fair.
 BALANCED_TOLERANCE = 0.005
+# Below this many training images in the smallest class the head is always fully class-balanced.
+SMALL_CLASS = 20
 
 
 @dataclass(frozen=True)
@@ -156,14 +160,6 @@ def n_folds(labels: np.ndarray) -> int:
     return int(min(k, counts.min()))
 
 
-def _class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.zeros(n_classes)
-    w[present] = len(y) / (present.sum() * counts[present])
-    return w
-
-
 def _log_prior(y: np.ndarray, n_classes: int) -> np.ndarray:
     """Log of each class's share of ``y``; a class absent from ``y`` gets a share of half an image."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -209,13 +205,18 @@ def _fit_path(
         after_each(i, w.detach(), b.detach())
 
 
-def _scores(probs: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[float, float, float]:
-    """(accuracy, balanced accuracy, log loss) of ``probs`` against ``y``."""
+def _scores(probs: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[float, float, float, float]:
+    """(accuracy, balanced accuracy, log loss, balanced log loss) of ``probs`` against ``y``.
+
+    The balanced log loss averages each class's mean log loss, so a small class counts as much as a large one.
+    """
     pred = probs.argmax(1)
     acc = float((pred == y).mean())
-    recalls = [float((pred[y == k] == k).mean()) for k in range(n_classes) if (y == k).any()]
-    ll = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean())
-    return acc, float(np.mean(recalls)), ll
+    present = [k for k in range(n_classes) if (y == k).any()]
+    recalls = [float((pred[y == k] == k).mean()) for k in present]
+    nll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1))
+    bll = float(np.mean([nll[y == k].mean() for k in present]))
+    return acc, float(np.mean(recalls)), float(nll.mean()), bll
 
 
 def _standardiser(x: np.ndarray, per_feature: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +256,7 @@ def _fit_balanced(
     x = torch.from_numpy((x_raw - mean) / scale)
     counts = np.bincount(y, minlength=n_classes)
     balanced = counts[counts > 0].min() == counts[counts > 0].max()
-    sw = None if balanced else torch.from_numpy(_class_weights(y, n_classes)[y].astype(np.float32))
+    sw = None if balanced else class_weights(y, n_classes)[torch.from_numpy(y)]
     _fit_path(x, torch.from_numpy(y).long(), n_classes, cs, sw, lambda i, w, b: after_each(i, w, b, mean, scale))
 
 
@@ -309,9 +310,10 @@ def _cross_validate(
 
 def _rank_key(row: dict, best_balanced: float) -> tuple:
     """Balanced accuracy first (within :data:`BALANCED_TOLERANCE` of the best counts as a tie), then
-    accuracy, then log loss."""
+    accuracy, then the stronger regularisation (scikit-learn's ``LogisticRegressionCV`` convention, and the
+    safer choice with few images), then the balanced log loss."""
     near_best = row["balanced_accuracy"] >= best_balanced - BALANCED_TOLERANCE
-    return (not near_best, -row["accuracy"], -row["balanced_accuracy"], row["log_loss"])
+    return (not near_best, -row["accuracy"], -row["balanced_accuracy"], row["C"], row["balanced_log_loss"])
 
 
 def select_head(
@@ -327,7 +329,9 @@ def select_head(
 
     Ranking, on the out-of-fold predictions: the candidates whose balanced accuracy is within
     :data:`BALANCED_TOLERANCE` of the best (no class is sacrificed), then the most accurate of those, then
-    the lowest log loss (the better calibrated).
+    the strongest regularisation, then the lowest balanced log loss. With fewer than :data:`SMALL_CLASS`
+    training images in a class, only standardised, fully balanced candidates compete, ranked by accuracy
+    (ties: the stronger regularisation).
 
     Args:
         features: Training features, ``[n, dim]`` or ``[n, views, dim]`` (augmented views of each image).
@@ -355,6 +359,14 @@ def select_head(
             "each; add images to the smallest class"
         )
     cands = list(cands) if cands is not None else candidates()
+    counts = np.bincount(labels)
+    few = counts[counts > 0].min() < SMALL_CLASS
+    if few and any(c.balance == 1.0 and c.standardise for c in cands):
+        # A handful of images in a class: its few held-out images make every cross-validated score noisy,
+        # and the more candidates compete the more the winner is the luckiest rather than the best. Only
+        # the regularisation is searched, on standardised, fully balanced fits (a rare class that is never
+        # predicted is the worst outcome), by accuracy with ties to the stronger regularisation.
+        cands = [c for c in cands if c.balance == 1.0 and c.standardise]
     k = n_folds(labels)
     per_fold = sum(len({c.C for c in cands if c.standardise == s}) for s in {c.standardise for c in cands})
     best_path_len = len(C_GRID)
@@ -362,13 +374,17 @@ def select_head(
     oof, k = _cross_validate(feats, labels, n_classes, cands, seed, progress, total)
     table = []
     for c in cands:
-        acc, bal, ll = _scores(oof[c], labels, n_classes)
+        acc, bal, ll, bll = _scores(oof[c], labels, n_classes)
         table.append({
-            "C": c.C, "standardise": c.standardise, "balance": c.balance,
-            "accuracy": round(acc, 5), "balanced_accuracy": round(bal, 5), "log_loss": round(ll, 5), "chosen": False,
+            "C": c.C, "standardise": c.standardise, "balance": c.balance, "accuracy": round(acc, 5),
+            "balanced_accuracy": round(bal, 5), "log_loss": round(ll, 5), "balanced_log_loss": round(bll, 5),
+            "chosen": False,
         })
     best_bal = max(r["balanced_accuracy"] for r in table)
-    best_i = min(range(len(cands)), key=lambda i: _rank_key(table[i], best_bal))
+    if few:
+        best_i = min(range(len(cands)), key=lambda i: (-table[i]["accuracy"], cands[i].C))
+    else:
+        best_i = min(range(len(cands)), key=lambda i: _rank_key(table[i], best_bal))
     table[best_i]["chosen"] = True
     best = cands[best_i]
     # Refit on every training image along the same warm-started path up to the chosen C, so the refit

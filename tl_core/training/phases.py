@@ -4,8 +4,10 @@
    the loss (class weights for imbalanced data).
 2. :func:`_features`: cached backbone features (:mod:`.features`), for the frozen path or the head
    warm-up; nothing on images when fine-tuning from random weights.
-3. :func:`_train_head` (frozen path: the epochs on cached features) or :func:`_warm_up_head` (before
-   fine-tuning: a new head first learns on cached features, recorded as epoch 0).
+3. :func:`_select_head` (frozen path: the head setting chosen by cross-validation on cached features and
+   refitted, :mod:`.head`), :func:`_train_head` (frozen path with ``head="epochs"``: the epochs on cached
+   features) or :func:`_warm_up_head` (before fine-tuning: a new head first learns on cached features,
+   recorded as epoch 0).
 4. :func:`_fine_tune` (``partial``/``full``): the epochs on images.
 5. :func:`_finish`: restore the best epoch, evaluate on validation and test, calibrate on validation
    (temperature and "not sure", :mod:`.calibrate`), build the :class:`FitResult`.
@@ -37,6 +39,7 @@ from .calibrate import calibrate
 from .config import Callback, FitResult, TrainConfig, TrainingError, TrainState, _Diverged, _Events, _StopRequested
 from .device import is_oom, pick_device, seed_everything
 from .features import FeatureCache, compute_features
+from .head import HeadSelectionError, candidates, select_head
 from .loops import WARMUP_LR, check_finite, head_epoch, model_epoch, validate_head, validate_model, warm_up_head
 from .optim import class_weights, epoch_order, lr_schedule
 
@@ -78,7 +81,9 @@ def fit(
     try:
         features = _features(run)
         if run.cfg.cached_features:
-            _train_head(run, features)
+            # The head chosen by evidence; by epochs when asked, or when the split cannot be cross-validated.
+            if not (run.cfg.head_by_evidence and _select_head(run, features)):
+                _train_head(run, features)
         else:
             if features is not None:
                 _warm_up_head(run, features)
@@ -119,6 +124,7 @@ class _Run:
     features_cached: int = 0
     f_eval: np.ndarray | None = None  # frozen path: centre-crop features of val + test, for the test evaluation
     f_train: np.ndarray | None = None  # frozen path: centre-crop features of train, for the calibration
+    head_choice: dict | None = None
     status: str = "completed"
     message: str = ""
     warnings: list[str] = field(default_factory=list)  # what is wrong with the splits (train and warn)
@@ -237,6 +243,79 @@ def _features(run: _Run) -> _Features | None:
         seconds, cached = seconds + more_seconds, cached + more_cached - n_train
     run.feature_seconds, run.features_cached = seconds, cached
     return _Features(train=f_train, eval=f_eval, started=started)
+
+
+# The balance levels the head search may choose from, by the ``balance`` setting: ``auto`` lets the
+# evidence choose; an explicit choice is honoured.
+_HEAD_BALANCE = {"auto": (1.0, 0.5, 0.0), "weights": (1.0,), "sampler": (1.0,), "none": (0.0,)}
+
+
+def _select_head(run: _Run, features: _Features) -> bool:
+    """Phase 3, frozen path: the head setting chosen by cross-validation and refitted (:func:`select_head`).
+
+    Reported as one epoch (epoch 1 of 1, phase ``train``) whose batches are the search's fits, so progress
+    bars, the ETA and a stop request work as for the epochs. Returns False when the training split cannot
+    be cross-validated (a class with one training image): the caller then trains by epochs.
+    """
+    cfg, state, events, device = run.cfg, run.state, run.events, run.device
+    n_val = len(run.splits.val)
+    state.phase, state.epochs, state.epoch = "train", 1, 1
+    events("phase_start")
+    events("epoch_start")
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if state.stop_requested:
+            raise _StopRequested
+        state.batch, state.batches = done, total
+        el = time.perf_counter() - t0
+        state.eta_seconds = el / max(done, 1) * (total - done)
+        state.images_per_sec = float("nan")
+        events("batch_end")
+
+    try:
+        choice = select_head(
+            features.train, run.y_train, n_classes=len(run.data.classes), seed=cfg.seed, progress=progress,
+            cands=candidates(balance=_HEAD_BALANCE[cfg.balance]),
+        )
+    except HeadSelectionError as exc:
+        run.events.message(f"The head is trained by epochs instead of being chosen by cross-validation: {exc}.")
+        state.epochs = cfg.epochs
+        return False
+    head = run.model.head
+    choice.load_into(head[-1])
+    head.to(device)
+    run.f_eval = features.eval
+    f_val = torch.from_numpy(features.eval[:n_val, 0]).to(device)
+    val_loss, val_probs = validate_head(head, f_val, torch.from_numpy(run.y_val).to(device), run.eval_loss_fn)
+    with torch.inference_mode():
+        train_logits = head.eval()(torch.from_numpy(features.train[:, 0]).to(device))
+        train_loss = run.eval_loss_fn(train_logits, torch.from_numpy(run.y_train).to(device)).item()
+    check_finite(torch.tensor(val_loss), 1.0, "validation")
+    summary = choice.summary()
+    state.history.append({
+        "epoch": 1,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_accuracy": float((val_probs.argmax(1) == run.y_val).mean()),
+        "seconds": time.perf_counter() - t0,
+        "images_per_sec": float("nan"),
+        "lr": float("nan"),
+        "partial": False,
+        "phase": "head chosen by cross-validation",
+    })
+    state.best_val_loss, state.best_epoch = val_loss, 1
+    run.best_state, run.best_val_probs = copy.deepcopy(run.tracked.state_dict()), val_probs
+    run.head_choice = summary
+    run.status = "completed"
+    run.message = (
+        f"Chose the head by {choice.folds}-fold cross-validation of {summary['candidates']} settings "
+        f"({choice.candidate.describe()}; cross-validated accuracy {summary['cv_accuracy']:.1%}, balanced "
+        f"{summary['cv_balanced_accuracy']:.1%}) and refitted it on all training images in {choice.seconds:.1f} s."
+    )
+    state.eta_seconds = 0.0
+    events("epoch_end")
+    return True
 
 
 def _train_head(run: _Run, features: _Features) -> None:
@@ -461,6 +540,7 @@ def _finish(run: _Run) -> FitResult:
         device=str(run.device),
         warnings=list(run.warnings),
         calibration=calibration.to_dict() if calibration else None,
+        head_choice=run.head_choice,
     )
     state.result = result  # type: ignore[attr-defined]
     run.events("fit_end")
