@@ -13,7 +13,7 @@ from ui.cache import pretrained_backbone, thumb, with_pretrained
 from ui.export_png import comparison_png, learning_curve_png
 from ui.figures import learning_curve, strategy_curves, top_k
 from ui.settings import current_splits
-from ui.widgets import image_grid, md_escape, percent, plural, require_data, seconds, show_error
+from ui.widgets import image_grid, job_progress, md_escape, percent, plural, require_data, seconds, show_error
 from ui.worker import ExperimentJob
 
 ws = session.current()
@@ -51,19 +51,7 @@ def job_panel(kind: str) -> None:
             st.button("Stop it", key=f"exp_stop_{kind}", icon=":material/stop:", on_click=job.stop)
         return
     if job.active:
-
-        def poll() -> None:
-            j = ws.experiments.get(kind)
-            if j is None or not j.active:
-                st.rerun()
-            p = j.progress
-            if j.status == "queued":
-                st.info("Waiting for another training on this server to finish…", icon=":material/schedule:")
-            else:
-                st.progress(p.fraction if p else 0.0, text=(md_escape(p.message) if p else "starting…")
-                            + (f" · about {seconds(p.eta_seconds)} left" if p and p.eta_seconds else ""))
-
-        st.fragment(poll, run_every=1.0)()
+        job_progress(ws.experiments, kind)
         st.button("Stop", key=f"exp_stop_{kind}", icon=":material/stop:", on_click=job.stop,
                   help="Finished runs are kept; starting again resumes.")
     elif job.status == "failed":

@@ -11,7 +11,7 @@ import streamlit as st
 
 from tl_core.data.quality import check_labels
 from ui.cache import thumb, with_pretrained
-from ui.widgets import md_escape, seconds, show_error
+from ui.widgets import job_progress, md_escape, show_error
 from ui.worker import ExperimentJob
 
 #: Pairs and issues shown at most (the tables list them all).
@@ -69,19 +69,7 @@ def label_issues(ws, data, backbone: str) -> None:
     if job is None:
         return
     if job.active:
-
-        def poll() -> None:
-            j = ws.experiments.get(key)
-            if j is None or not j.active:
-                st.rerun()
-            p = j.progress
-            if j.status == "queued":
-                st.info("Waiting for another training on this server to finish…", icon=":material/schedule:")
-            else:
-                st.progress(min(p.fraction, 1.0) if p else 0.0, text=(md_escape(p.message) if p else "starting…")
-                            + (f" · about {seconds(p.eta_seconds)} left" if p and p.eta_seconds else ""))
-
-        st.fragment(poll, run_every=1.0)()
+        job_progress(ws.experiments, key)
         st.button("Stop", key="data_check_labels_stop", icon=":material/stop:", on_click=job.stop,
                   help="Features computed so far stay cached; checking again resumes from there.")
         return

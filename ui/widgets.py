@@ -154,6 +154,26 @@ def percent(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
 
 
+def job_progress(jobs: dict, key: str) -> None:
+    """A background job's progress bar with its ETA, polled every second; the page reruns when it ends.
+
+    ``jobs`` is where the session keeps such jobs (``ws.experiments``), ``key`` the job's name there.
+    """
+
+    def poll() -> None:
+        job = jobs.get(key)
+        if job is None or not job.active:
+            st.rerun()
+        p = job.progress
+        if job.status == "queued":
+            st.info("Waiting for another training on this server to finish…", icon=":material/schedule:")
+        else:
+            st.progress(min(p.fraction, 1.0) if p else 0.0, text=(md_escape(p.message) if p else "starting…")
+                        + (f" · about {seconds(p.eta_seconds)} left" if p and p.eta_seconds else ""))
+
+    st.fragment(poll, run_every=1.0)()
+
+
 def show_error(message: str, *, hint: str | None = None) -> None:
     """A readable error with what to do (user-facing messages only; never a traceback)."""
     st.error(md_escape(message) + (f"\n\n{hint}" if hint else ""), icon=":material/error:")
