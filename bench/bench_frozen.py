@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tl_core.backbones import get_backbone  # noqa: E402
-from tl_core.data import ImageCache, ImageDataset, load_dataset, split_dataset  # noqa: E402
+from tl_core.data import ImageCache, ImageDataset, load_dataset  # noqa: E402
 from tl_core.model import build_model  # noqa: E402
 from tl_core.preprocess import Preprocessing  # noqa: E402
 from tl_core.training import FeatureCache, TrainConfig, fit  # noqa: E402

@@ -13,9 +13,8 @@
 
 Features are the shared cached EfficientNet-Lite0 features, so a second run computes none.
 
-Usage: ``python bench/bench_quality.py DATASET [DATASET ...] [--seeds 3] [--skip-labels] [--skip-unsure]
-[--skip-hashing]``
-(e.g. the folders of ``../shared/datasets``).
+Usage: ``python bench/bench_quality.py [DATASET ...] [--seeds 3] [--skip-labels] [--skip-unsure]
+[--skip-hashing]`` (e.g. the folders of ``../shared/datasets``; with none, the repository's two small sets).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DEFAULT_DATA = [ROOT / "sample_data" / "hymenoptera", ROOT / "tests" / "data" / "neu_steel"]
 
 from tl_core.backbones import get_backbone  # noqa: E402
 from tl_core.calibration import Calibration, UNSURE_RATE, softmax  # noqa: E402
@@ -139,7 +139,9 @@ def hashing_table(paths: list[Path]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("datasets", nargs="+", type=Path, help="dataset folders (class folders or split folders)")
+    ap.add_argument("datasets", nargs="*", type=Path, default=DEFAULT_DATA,
+                    help="dataset folders (class folders or split folders; default: the repository's "
+                         "sample_data/hymenoptera and tests/data/neu_steel, each the other's out-of-distribution set)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the label-flip test (default 3)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split for (a)")
     ap.add_argument("--skip-labels", action="store_true")

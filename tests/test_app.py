@@ -164,8 +164,11 @@ def test_settings_survive_a_refresh_and_the_model_page_changes_none(monkeypatch)
     first.selectbox(key="ts_backbone").set_value("efficientnet_lite1").run()
     first.number_input(key="ts_epochs").set_value(5).run()
     first.selectbox(key="ts_hidden").set_value(128).run()
+    goto(first, "train")
+    next(s for s in first.selectbox if s.label == "Device").set_value("cpu").run()
     goto(first, "data")
     again = refreshed(monkeypatch, first.session_state["ts_session_id"]).run()
+    assert again.session_state["ts_device"] == "cpu", "the device picked on Train survives a refresh"
     assert again.session_state["ts_backbone"] == "efficientnet_lite1"
     assert again.session_state["ts_epochs"] == 5 and again.session_state["ts_hidden"] == 128
     assert again.session_state["ts_strategy"] == "frozen"
