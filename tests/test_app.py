@@ -162,6 +162,7 @@ def test_settings_survive_a_refresh_and_the_model_page_changes_none(monkeypatch)
     load_sample(first)
     goto(first, "model")
     first.selectbox(key="ts_backbone").set_value("efficientnet_lite1").run()
+    first.radio(key="ts_head_fit").set_value("epochs").run()  # epochs count only for a head trained by epochs
     first.number_input(key="ts_epochs").set_value(5).run()
     first.selectbox(key="ts_hidden").set_value(128).run()
     goto(first, "train")
@@ -171,6 +172,7 @@ def test_settings_survive_a_refresh_and_the_model_page_changes_none(monkeypatch)
     assert again.session_state["ts_device"] == "cpu", "the device picked on Train survives a refresh"
     assert again.session_state["ts_backbone"] == "efficientnet_lite1"
     assert again.session_state["ts_epochs"] == 5 and again.session_state["ts_hidden"] == 128
+    assert again.session_state["ts_head_fit"] == "epochs"
     assert again.session_state["ts_strategy"] == "frozen"
     # Opening the Model page once its recommendation has finished shows it, and changes no setting.
     goto(again, "model")
@@ -335,6 +337,7 @@ def test_results_belong_to_their_data_a_new_dataset_clears_them_from_view(tiny_d
     ws = workspace(at)
     use_source(ws, tiny_dataset({"ants": 6, "bees": 6}, name="first"), kind="folder", label="first set")
     goto(at, "model")
+    at.radio(key="ts_head_fit").set_value("epochs").run()
     at.number_input(key="ts_epochs").set_value(3).run()
     goto(at, "train")
     at.button(key="train_start").click().run()

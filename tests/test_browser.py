@@ -467,7 +467,7 @@ def test_screenshots_of_every_page(browser, server):
         page.get_by_text("Fine-tune the last stages").click()
         wait_idle(page)
         snap(page, "04-model-partial")
-        page.get_by_text("Frozen backbone").click()
+        page.get_by_text("Frozen backbone", exact=True).click()
         wait_idle(page)
         button(page, "Next: train").click()
         heading(page, "Train")

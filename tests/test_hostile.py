@@ -564,6 +564,7 @@ def test_studio_shows_the_same_split_warnings(tmp_path, monkeypatch):
         assert not at.exception
         assert "'wasps' has no training images" in " ".join(e.value for e in at.info)
         at.switch_page("pages/model.py").run()
+        at.radio(key="ts_head_fit").set_value("epochs").run()
         at.number_input(key="ts_epochs").set_value(2).run()
         at.switch_page("pages/train.py").run()
         at.button(key="train_start").click().run()
