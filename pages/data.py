@@ -195,7 +195,7 @@ with health:
             body = md_escape(f.title) + (f"  \n*Fix:* {md_escape(f.fix)}" if f.fix else "")
             show[f.level](body, icon=icons[f.level])
             if f.files is not None and len(f.files):
-                with st.expander(f"Show the {len(f.files)} files"):
+                with st.expander(f"Show the {plural(len(f.files), 'file')}"):
                     st.dataframe(f.files, hide_index=True, key=f"data_finding_files_{i}")
     quality.near_duplicates(data)
     quality.label_issues(ws, data, state.BACKBONE.get())

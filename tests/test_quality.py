@@ -111,9 +111,21 @@ def test_pairs_compare_whole_views_with_crops():
     crop = base.crop((0, 0, 360, 270))  # the top-left 90%: matches the original's top-left view
     other = Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).resize((400, 300))
     hashes = [perceptual_hash(base), perceptual_hash(crop), perceptual_hash(other), None]
-    assert len(hashes[0]) == 16 * 6
+    assert len(hashes[0]) == 16 * 6 + 6  # six views, then the mean colour
     pairs = near_duplicate_pairs(hashes)
     assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
+
+
+def test_a_look_alike_in_greyscale_of_another_colour_is_not_a_pair():
+    """Sample data: a black ant on green moss and a bee on grey asphalt differ in only 8 of 64 hash bits
+    (at the health check's draft scale); their tints differ."""
+    root = Path(__file__).resolve().parents[1] / "sample_data" / "hymenoptera"
+    with Image.open(root / "train" / "ants" / "196757565_326437f5fe.jpg") as a, \
+            Image.open(root / "val" / "bees" / "485743562_d8cc6b8f73.jpg") as b:
+        ant, bee = perceptual_hash(a.convert("RGB")), perceptual_hash(b.convert("RGB"))
+        copy = perceptual_hash(a.convert("RGB").resize((a.width // 2, a.height // 2)))
+    assert near_duplicate_pairs([ant, bee], max_bits=64) == [], "their tints differ"
+    assert [(i, j) for i, j, _ in near_duplicate_pairs([ant, copy])] == [(0, 1)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import streamlit as st
 
 from tl_core.data.quality import check_labels
 from ui.cache import thumb, with_pretrained
-from ui.widgets import job_progress, md_escape, show_error
+from ui.widgets import job_progress, md_escape, plural, show_error
 from ui.worker import ExperimentJob
 
 #: Pairs and issues shown at most (the tables list them all).
@@ -36,7 +36,7 @@ def near_duplicates(data) -> None:
     if not pairs:
         st.caption("No resized, re-encoded or cropped copies found.")
         return
-    st.caption(f"{len(pairs)} pairs of images look alike without being the same file (resized, re-encoded or lightly "
+    st.caption(f"{plural(len(pairs), 'pair')} of images look alike without being the same file (resized, re-encoded or lightly "
                "cropped copies). A random split keeps each group in one split, so no copy is validated on. "
                "Delete real copies; keep look-alikes that are different photos.")
     for n, p in enumerate(pairs[:MAX_SHOWN]):

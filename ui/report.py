@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ui.widgets import plural
+
 # Why a file was skipped, and what to do about it (keys are tl_core's SkippedFile.reason values).
 SKIP_REASONS: dict[str, tuple[str, str]] = {
     "not_image": ("not image files", "Remove them, or convert them to JPEG or PNG."),
@@ -51,10 +53,6 @@ class Finding:
     files: pd.DataFrame | None = field(default=None, repr=False)
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n:,} {word if n == 1 else (plural or word + 's')}"
-
-
 def findings(report, *, min_per_class: int = 10) -> list[Finding]:
     """Readable findings for a :class:`~tl_core.data.DataReport`, most serious first."""
     out: list[Finding] = []
@@ -63,7 +61,7 @@ def findings(report, *, min_per_class: int = 10) -> list[Finding]:
         out.append(
             Finding(
                 "error",
-                f"{_plural(len(report.too_small), 'class', 'classes')} with fewer than 2 images: {names}.",
+                f"{plural(len(report.too_small), 'class', 'classes')} with fewer than 2 images: {names}.",
                 "A class needs at least one image for training and one for checking; add more images to it.",
             )
         )
@@ -72,7 +70,7 @@ def findings(report, *, min_per_class: int = 10) -> list[Finding]:
         out.append(
             Finding(
                 "error",
-                f"Leakage: {_plural(len(cross_split), 'image')} appear both in training and in validation/test.",
+                f"Leakage: {plural(len(cross_split), 'image')} appear both in training and in validation/test.",
                 "The model is then checked on pictures it learnt from, so its accuracy looks better than it is. "
                 "Delete one copy of each.",
                 _duplicate_table(cross_split),
@@ -83,7 +81,7 @@ def findings(report, *, min_per_class: int = 10) -> list[Finding]:
         out.append(
             Finding(
                 "warning",
-                f"{_plural(len(cross_class), 'image')} appear in two different classes (conflicting labels).",
+                f"{plural(len(cross_class), 'image')} appear in two different classes (conflicting labels).",
                 "Keep each image only in the class it belongs to.",
                 _duplicate_table(cross_class),
             )
@@ -97,7 +95,7 @@ def findings(report, *, min_per_class: int = 10) -> list[Finding]:
     ):
         pairs = [p for p in near if p.kind == kind]
         if pairs:
-            out.append(Finding(level, f"{_plural(len(pairs), 'pair')} of images {what}.", fix, pd.DataFrame(
+            out.append(Finding(level, f"{plural(len(pairs), 'pair')} of images {what}.", fix, pd.DataFrame(
                 [{"file": p.files[0][0], "copy": p.files[1][0], "bits differing": p.distance} for p in pairs])))
     counts = {c: n for c, n in report.counts.items() if n}
     few = sorted(c for c, n in counts.items() if 2 <= n < min_per_class)
@@ -137,7 +135,7 @@ def findings(report, *, min_per_class: int = 10) -> list[Finding]:
         out.append(
             Finding(
                 "warning",
-                f"{_plural(len(report.skipped), 'file was', 'files were')} left out: {'; '.join(parts)}. "
+                f"{plural(len(report.skipped), 'file was', 'files were')} left out: {'; '.join(parts)}. "
                 "The other images are used.",
                 " ".join(dict.fromkeys(fixes)),
                 table,
@@ -148,7 +146,7 @@ def findings(report, *, min_per_class: int = 10) -> list[Finding]:
         out.append(
             Finding(
                 "info",
-                f"{_plural(len(within), 'image')} are stored more than once in the same class.",
+                f"{plural(len(within), 'image')} are stored more than once in the same class.",
                 "They count twice in training; delete the extra copies.",
                 _duplicate_table(within),
             )
@@ -158,14 +156,14 @@ def findings(report, *, min_per_class: int = 10) -> list[Finding]:
         out.append(
             Finding(
                 "info",
-                f"{_plural(small, 'image')} are smaller than 64 pixels on a side.",
+                f"{plural(small, 'image')} are smaller than 64 pixels on a side.",
                 "Tiny images carry little detail; use larger originals if you have them.",
             )
         )
     for note in report.notes:
         out.append(Finding("info", note))
     if not any(f.level in ("error", "warning") for f in out):
-        out.insert(0, Finding("success", f"No problems found in {_plural(report.num_images, 'image')}."))
+        out.insert(0, Finding("success", f"No problems found in {plural(report.num_images, 'image')}."))
     return out
 
 
