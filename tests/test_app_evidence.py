@@ -39,8 +39,6 @@ def test_evaluate_shows_the_majority_baseline_warns_and_shows_recall(tiny_datase
     goto(at, "evaluate")
     assert_clean(at)
     run = ws.store.list()[0][0]
-    from tl_core.runs import RunStore  # noqa: F401 - the page reads the same store
-
     accuracy = at.metric[0]
     assert "vs baseline" in str(accuracy.delta)
     assert any("Majority-class baseline" in c.value and "ants" in c.value and "75.0%" in c.value for c in at.caption)
@@ -117,8 +115,6 @@ def test_model_page_frozen_head_by_cross_validation_disables_epochs():
     assert_clean(at)
     assert at.radio(key="ts_head_fit").value == "cv"
     assert at.number_input(key="ts_epochs").disabled
-    from ui.settings import train_config  # noqa: F401 - the config the Train page will use
-
     at.radio(key="ts_head_fit").set_value("epochs").run()
     assert not at.number_input(key="ts_epochs").disabled
     goto(at, "train")
