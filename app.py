@@ -5,7 +5,12 @@ or ``transfer-studio app [--sample]`` once the package is installed. Community C
 ``cloud/streamlit_app.py``.
 
 This file is the one router (STYLE habit 10): page config, session state defaults, the session's
-workspace (and the settings it keeps across a refresh), the shared sidebar, and ``st.navigation([...]).run()``. The pages live in ``pages/``.
+workspace (and the settings it keeps across a refresh), the shared sidebar, and ``st.navigation([...]).run()``.
+
+The pages live in ``app_pages/``, never ``pages/``: Streamlit treats a ``pages/`` folder next to the
+entry point as a legacy (v1) multipage app until some session has run ``st.navigation``, so the first
+visit to a fresh server at a deep link (``/data``) would run that page's file alone, without this
+router, its sidebar or the sample data, under Streamlit's own list of files.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ class PageInfo:
 
 
 # Absolute, because st.Page and st.switch_page read relative paths from the entry point's folder,
-# and the studio has two entry points: app.py and cloud/streamlit_app.py (Community Cloud).
-_PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
+# and the studio has two entry points: app.py and cloud/streamlit_app.py (Community Cloud). Not named
+# `pages`: Streamlit would take that folder for a legacy multipage app (see app.py's docstring).
+_PAGES_DIR = Path(__file__).resolve().parents[1] / "app_pages"
 
 PAGES: dict[str, PageInfo] = {
     p.key: p
