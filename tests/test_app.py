@@ -785,6 +785,64 @@ def test_health_findings_have_fixes(tiny_dataset):
     assert all(f.fix for f in found if f.level in ("error", "warning"))
 
 
+def test_split_warnings_read_as_warnings_on_the_data_page(tmp_path):
+    """A class without validation images and a one-class validation split are warnings, not plain notes."""
+    from corpus import make_class_folder
+
+    from tl_core.data import load_dataset
+    from ui.report import findings
+
+    root = tmp_path / "splits"
+    make_class_folder(root / "train", {"ants": 6, "bees": 6})
+    make_class_folder(root / "val", {"ants": 3})
+    data = load_dataset(root)
+    found = findings(data.report)
+    warned = " | ".join(f.title for f in found if f.level == "warning")
+    assert "no validation images" in warned and "validation split holds only 'ants'" in warned, found
+    assert not any(f.level == "success" for f in found), "no 'No problems found' beside a warning"
+    assert [f.level for f in found] == sorted((f.level for f in found), key=["error", "warning", "info"].index)
+
+    at = new_app().run()
+    ws = workspace(at)
+    ws.set_dataset(data, kind="folder", path=root, label="splits")
+    at = goto(at, "data")
+    assert not at.exception, [e.value for e in at.exception]
+    warnings = " | ".join(w.value for w in at.warning)
+    assert "no validation images" in warnings and "holds only" in warnings, warnings
+    assert not any("no validation images" in i.value for i in at.info)
+
+
+def test_split_refusal_is_an_error_finding(tmp_path):
+    from corpus import make_class_folder
+
+    from tl_core.data import load_dataset
+    from ui.report import findings
+
+    root = tmp_path / "splits"
+    make_class_folder(root / "train", {"ants": 4})
+    make_class_folder(root / "val", {"bees": 4})
+    found = findings(load_dataset(root).report)
+    assert found[0].level == "error" and "train split holds only 'ants'" in found[0].title, found
+
+
+def test_cli_progress_counts_fine_tuning_epochs_after_the_head_warm_up(tiny_dataset, capsys):
+    """The warm-up is recorded as epoch 0: the plain progress lines still read "epoch 1/1", never "epoch 2/1"."""
+    from tl_core.cli import TqdmProgress
+    from tl_core.data import load_dataset
+    from tl_core.training import TrainConfig, fit
+
+    data = load_dataset(tiny_dataset({"ants": 6, "bees": 6}))
+    cfg = TrainConfig(strategy="partial", epochs=1, batch_size=4, head_warmup=2)
+    result = fit(data, cfg, callbacks=[TqdmProgress(bars=False)])
+    assert [r["epoch"] for r in result.history] == [0, 1], "a warm-up, then one epoch of fine-tuning"
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(("Warmed up", "training:", "epoch "))]
+    assert lines[0].startswith("Warmed up the new head"), err
+    assert lines[1] == "training: 1 epoch", err
+    assert lines[2].startswith("epoch 1/1: loss "), err
+    assert len(lines) == 3, err
+
+
 def test_safe_names_and_markdown_escaping():
     from ui.datasets import class_folder_name, safe_name
     from ui.widgets import md_escape
