@@ -843,6 +843,39 @@ def test_cli_progress_counts_fine_tuning_epochs_after_the_head_warm_up(tiny_data
     assert len(lines) == 3, err
 
 
+def test_folder_signature_walks_what_the_loader_reads_deep_trees_and_link_loops_included(tiny_dataset, tmp_path):
+    import os
+    import sys
+
+    from tl_core.data.paths import MAX_DEPTH
+    from ui.cache import folder_signature
+
+    root = tiny_dataset({"ants": 3, "bees": 3})
+    base = folder_signature(root)
+    assert base[0] == 6 and base[3] == 0
+    # Deeper than the loader reads: a file there changes nothing.
+    deep = root / "ants" / Path(*["d"] * (MAX_DEPTH + 2))
+    deep.mkdir(parents=True)
+    (deep / "deep.jpg").write_bytes(b"x" * 10)
+    assert folder_signature(root)[:3] == base[:3]
+    # Deeper than Python's recursion limit (a recursive walk fails there), and a link back to the root.
+    very_deep = root / "bees"
+    for _ in range(sys.getrecursionlimit() + 50):
+        very_deep = very_deep / "e"
+        very_deep.mkdir()
+    (root / "bees" / "loop").symlink_to(root, target_is_directory=True)
+    os.mkfifo(root / "bees" / "pipe.jpg")
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"y" * 100)
+    (root / "ants" / "outside.jpg").symlink_to(outside)
+    sig = folder_signature(root)
+    assert sig[:3] == base[:3], "links, a FIFO and too-deep folders are not read"
+    assert sig[3] >= 4, "each is left out, as in the loader's report"
+    # A file the loader reads changes it.
+    (root / "ants" / "new.jpg").write_bytes(b"z" * 7)
+    assert folder_signature(root)[:2] == (7, base[1] + 7)
+
+
 def test_safe_names_and_markdown_escaping():
     from ui.datasets import class_folder_name, safe_name
     from ui.widgets import md_escape
