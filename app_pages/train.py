@@ -210,21 +210,26 @@ columns = ["name", "val_accuracy", "balanced_accuracy", "macro_f1", "backbone", 
            "status", "created"]
 for n, (fp, label, group) in enumerate(groups):
     table = pd.DataFrame([r.row() for r in group])
-    table["created"] = table["created"].str.slice(0, 16).str.replace("T", " ")
+    table["created"] = pd.to_datetime(table["created"], utc=True, errors="coerce")
+    # A column saying "completed" on every row says nothing, and the table must fit beside the sidebar.
+    shown = columns if (table["status"] != "completed").any() else [c for c in columns if c != "status"]
     this = fp == ws.fingerprint
     title = (f"**{md_escape(label)}** · {plural(len(group), 'model')}" + (" · the data loaded now" if this else ""))
     # The current data's models open; other data's models stay one click away, labelled with their data.
     with st.expander(title, expanded=this or (n == 0 and ws.fingerprint is None), icon=":material/photo_library:"):
         st.dataframe(
-            table[columns],
+            table[shown],
             hide_index=True,
             key=f"train_runs_table_{n}",
             column_config={
-                "name": st.column_config.TextColumn("name", width="medium"),
+                "name": st.column_config.TextColumn("name", width=170),
                 "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent",
                                                               help="Of the kept model (its best epoch)."),
                 "balanced_accuracy": st.column_config.NumberColumn("balanced acc.", format="percent"),
                 "macro_f1": st.column_config.NumberColumn("macro F1", format="%.3f"),
                 "seconds": st.column_config.NumberColumn("seconds", format="%.0f"),
+                # Its whole date and time in view: sized to its content, it lost the time past the table's edge.
+                "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm", width=125,
+                                                           help="When the run was trained (UTC)."),
             },
         )

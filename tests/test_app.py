@@ -729,6 +729,24 @@ def test_runs_can_be_renamed_and_deleted(tiny_dataset):
     assert any("deleted" in s.value for s in at.success)
 
 
+def test_the_runs_table_shows_when_each_run_was_made_in_full(tiny_dataset):
+    import json
+
+    at = new_app().run()
+    ws = workspace(at)
+    job = _tiny_job(tiny_dataset, ws.runs_dir, epochs=2)
+    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
+    job.run()
+    goto(at, "train")
+    assert_clean(at)
+    (table,) = [d for d in at.dataframe if "created" in d.value.columns]
+    assert str(table.value["created"].dtype).startswith("datetime64"), "a time, not a cut string"
+    created = json.loads(table.proto.columns)["created"]
+    assert created["type_config"]["format"] == "YYYY-MM-DD HH:mm" and created["width"] >= 120, created
+    # Every run completed: no column of identical "completed" taking the room the date needs.
+    assert "status" not in table.value.columns
+
+
 def test_two_runs_are_compared_side_by_side(tiny_dataset):
     from ui.settings import run_name
 
