@@ -502,12 +502,41 @@ def test_experiments_recommendation_runs_in_the_background_and_can_be_applied():
     assert at.session_state["ts_strategy"] == job.result.strategy
 
 
+EXP_VIEWS = {  # each tab of the Experiments page, and a widget only that tab draws
+    "Which strategy?": "exp_recommend",
+    "Scratch vs pretrained": "exp_compare",
+    "How many images?": "exp_curve",
+    "Inside the network": "ts_exp_image",
+}
+
+
+@pytest.mark.parametrize("tab", list(EXP_VIEWS))
+def test_experiments_computes_only_the_open_tab(tab, monkeypatch):
+    import tl_core.experiments as ex
+
+    looked_inside = []
+    top5 = ex.imagenet_top5
+    monkeypatch.setattr(ex, "imagenet_top5", lambda *a, **k: looked_inside.append(1) or top5(*a, **k))
+    at = new_app().run()
+    load_sample(at)
+    at.session_state["ts_exp_tab"] = tab
+    goto(at, "experiments")
+    assert_clean(at)
+    keys = {w.key for kind in (at.button, at.slider, at.selectbox) for w in kind}
+    assert {k for k in EXP_VIEWS.values() if k in keys} == {EXP_VIEWS[tab]}, keys
+    # The network is looked inside (a forward pass and its feature maps) only when that tab is open.
+    assert bool(looked_inside) == (tab == "Inside the network")
+    if tab == "Inside the network":
+        assert any(c.key == "exp_top5" for c in at.get("plotly_chart")), "its ImageNet top 5 is drawn"
+
+
 @pytest.mark.slow
 def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny_dataset, monkeypatch):
     from ui.datasets import use_source
 
     at = new_app().run()
     use_source(workspace(at), tiny_dataset({"ants": 8, "bees": 8}), kind="folder", label="tiny")
+    at.session_state["ts_exp_tab"] = "Scratch vs pretrained"
     goto(at, "experiments")
     at.slider(key="ts_exp_budget").set_value(15).run()
     at.button(key="exp_compare").click().run()
@@ -516,6 +545,7 @@ def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny
     # A refresh: a new Streamlit session, same workspace; the saved runs are drawn without training.
     again = refreshed(monkeypatch, at.session_state["ts_session_id"]).run()
     workspace(again).experiments.clear()
+    again.session_state["ts_exp_tab"] = "Scratch vs pretrained"
     goto(again, "experiments")
     again.slider(key="ts_exp_budget").set_value(15).run()
     assert_clean(again)
