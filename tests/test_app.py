@@ -583,6 +583,16 @@ def _tiny_job(tiny_dataset, store_root: Path, **config):
     return TrainingJob(data=data, splits=splits, config=cfg, store=RunStore(store_root))
 
 
+def trained_app(tiny_dataset, **config):
+    """``(app, workspace, job)``: a studio session whose tiny data set has one finished run (``_tiny_job``)."""
+    at = new_app().run()
+    ws = workspace(at)
+    job = _tiny_job(tiny_dataset, ws.runs_dir, **config)
+    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
+    job.run()
+    return at, ws, job
+
+
 def test_worker_runs_in_a_thread_reports_progress_and_saves(tiny_dataset, tmp_path):
     job = _tiny_job(tiny_dataset, tmp_path / "runs", epochs=5)
     seen = []
@@ -742,11 +752,7 @@ def test_session_keys_are_declared_once_and_pages_use_no_raw_keys():
 
 
 def test_runs_can_be_renamed_and_deleted(tiny_dataset):
-    at = new_app().run()
-    ws = workspace(at)
-    job = _tiny_job(tiny_dataset, ws.runs_dir, epochs=2)
-    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
-    job.run()
+    at, ws, _ = trained_app(tiny_dataset, epochs=2)
     goto(at, "evaluate")
     assert_clean(at)
     at.text_input(key="ts_rename_to").input("my <b>first</b> model").run()
@@ -762,11 +768,7 @@ def test_runs_can_be_renamed_and_deleted(tiny_dataset):
 def test_the_runs_table_shows_when_each_run_was_made_in_full(tiny_dataset):
     import json
 
-    at = new_app().run()
-    ws = workspace(at)
-    job = _tiny_job(tiny_dataset, ws.runs_dir, epochs=2)
-    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
-    job.run()
+    at, _, _ = trained_app(tiny_dataset, epochs=2)
     goto(at, "train")
     assert_clean(at)
     (table,) = [d for d in at.dataframe if "created" in d.value.columns]
@@ -907,16 +909,20 @@ def test_folder_signature_walks_what_the_loader_reads_deep_trees_and_link_loops_
     (deep / "deep.jpg").write_bytes(b"x" * 10)
     assert folder_signature(root)[:3] == base[:3]
     # Deeper than Python's recursion limit (a recursive walk fails there), and a link back to the root.
-    very_deep = root / "bees"
+    levels = [root / "bees"]
     for _ in range(sys.getrecursionlimit() + 50):
-        very_deep = very_deep / "e"
-        very_deep.mkdir()
+        levels.append(levels[-1] / "e")
+        levels[-1].mkdir()
     (root / "bees" / "loop").symlink_to(root, target_is_directory=True)
     os.mkfifo(root / "bees" / "pipe.jpg")
     outside = tmp_path / "outside.jpg"
     outside.write_bytes(b"y" * 100)
     (root / "ants" / "outside.jpg").symlink_to(outside)
-    sig = folder_signature(root)
+    try:
+        sig = folder_signature(root)
+    finally:
+        for level in reversed(levels[1:]):  # pytest's own clean-up removes folders recursively
+            level.rmdir()
     assert sig[:3] == base[:3], "links, a FIFO and too-deep folders are not read"
     assert sig[3] >= 4, "each is left out, as in the loader's report"
     # A file the loader reads changes it.
