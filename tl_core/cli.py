@@ -480,7 +480,7 @@ def cmd_explain(args) -> int:
 
 
 def studio_root() -> Path:
-    """The folder holding the studio: ``app.py``, ``app_pages/``, ``.streamlit/`` and ``sample_data/``.
+    """The folder holding the studio: ``app.py``, ``pages/``, ``.streamlit/`` and ``sample_data/``.
 
     The studio is installed with the repository's layout next to the ``ui`` package, so this is the
     checkout for ``python -m tl_core`` in a clone or an editable install, and ``site-packages`` for a
@@ -494,9 +494,9 @@ def studio_root() -> Path:
     spec = importlib.util.find_spec("ui")
     if spec is not None and spec.origin:
         root = Path(spec.origin).resolve().parent.parent
-        if (root / "app.py").is_file() and (root / "app_pages").is_dir():
+        if (root / "app.py").is_file() and (root / "pages").is_dir():
             return root
-    raise FileNotFoundError("the studio's files (app.py, app_pages/, ui/) are not installed; reinstall transfer-studio")
+    raise FileNotFoundError("the studio's files (app.py, pages/, ui/) are not installed; reinstall transfer-studio")
 
 
 def app_command(args, root: Path | None = None) -> tuple[list[str], Path]:

@@ -7,10 +7,13 @@ label such as ``**bold**`` or ``<script>`` shows as typed and never runs.
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import math
 import re
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +31,8 @@ class PageInfo:
 
 
 # Absolute, because st.Page and st.switch_page read relative paths from the entry point's folder,
-# and the studio has two entry points: app.py and cloud/streamlit_app.py (Community Cloud). Not named
-# `pages`: Streamlit would take that folder for a legacy multipage app (see app.py's docstring).
-_PAGES_DIR = Path(__file__).resolve().parents[1] / "app_pages"
+# and the studio has two entry points: app.py and cloud/streamlit_app.py (Community Cloud).
+_PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
 
 PAGES: dict[str, PageInfo] = {
     p.key: p
@@ -48,6 +50,43 @@ if importlib.util.find_spec("tl_core.experiments") is not None:
     PAGES["experiments"] = PageInfo(
         "experiments", str(_PAGES_DIR / "experiments.py"), "Experiments", ":material/science:"
     )
+
+# True while app.py runs the chosen page (see :func:`through_the_router`).
+_ROUTED: contextvars.ContextVar[bool] = contextvars.ContextVar("transfer_studio_routed", default=False)
+
+
+def studio_pages() -> list:
+    """The studio's pages for ``st.navigation``: the URL of each is its key (``/data``), Home is ``/``."""
+    return [
+        st.Page(p.path, title=p.title, icon=p.icon, url_path=p.key, default=p.key == "home") for p in PAGES.values()
+    ]
+
+
+@contextmanager
+def routed() -> Iterator[None]:
+    """The router (app.py) runs the chosen page inside this."""
+    token = _ROUTED.set(True)
+    try:
+        yield
+    finally:
+        _ROUTED.reset(token)
+
+
+def through_the_router() -> None:
+    """The first call of every page: a page that runs without app.py hands this visit to the router.
+
+    Streamlit takes a ``pages/`` folder next to the entry point for a legacy (v1) multipage app until some
+    session has called ``st.navigation``. So on a freshly started server, a first visit straight to a deep
+    link (``/data``) runs ``pages/data.py`` alone, under Streamlit's own list of files, without the
+    router's session, sidebar or sample data. ``st.navigation`` switches the whole server to the router,
+    for this session and every later one, and ``st.rerun`` runs this visit again through app.py, on the
+    same page (the URL's page keeps its identity: both name it by its key).
+    """
+    if _ROUTED.get():
+        return
+    st.navigation(studio_pages(), position="hidden")
+    st.rerun()
+
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&=])")
 

@@ -13,9 +13,11 @@ from ui.cache import pretrained_backbone, thumb, with_pretrained
 from ui.export_png import comparison_png, learning_curve_png
 from ui.figures import learning_curve, strategy_curves, top_k
 from ui.settings import current_splits
-from ui.widgets import image_grid, job_progress, md_escape, percent, plural, require_data, seconds, show_error
+from ui.widgets import (image_grid, job_progress, md_escape, percent, plural, require_data, seconds, show_error,
+                        through_the_router)
 from ui.worker import ExperimentJob
 
+through_the_router()  # first: a deep link to a fresh server runs this file alone (see its doc)
 ws = session.current()
 st.title("Experiments")
 st.markdown("Small experiments on **your** images that show what transfer learning buys you. Finished runs are "

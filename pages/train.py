@@ -9,9 +9,11 @@ from ui.cache import pretrained_backbone, shared_image_cache
 from ui.device import device_label, device_picker, short_name
 from ui.figures import training_curves
 from ui.settings import current_splits, describe, run_name, train_config
-from ui.widgets import go, kept_epoch, kept_row, md_escape, percent, plural, require_data, seconds, show_error
+from ui.widgets import (go, kept_epoch, kept_row, md_escape, percent, plural, require_data, seconds, show_error,
+                        through_the_router)
 from ui.worker import TrainingJob
 
+through_the_router()  # first: a deep link to a fresh server runs this file alone (see its doc)
 ws = session.current()
 
 st.title("Train")
