@@ -11,6 +11,7 @@ import contextvars
 import importlib.util
 import math
 import re
+import runpy
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ class PageInfo:
 # Absolute, because st.Page and st.switch_page read relative paths from the entry point's folder,
 # and the studio has two entry points: app.py and cloud/streamlit_app.py (Community Cloud).
 _PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
+_ROUTER = Path(__file__).resolve().parents[1] / "app.py"
 
 PAGES: dict[str, PageInfo] = {
     p.key: p
@@ -73,19 +75,20 @@ def routed() -> Iterator[None]:
 
 
 def through_the_router() -> None:
-    """The first call of every page: a page that runs without app.py hands this visit to the router.
+    """The first call of every page: a page that Streamlit runs without app.py runs through it instead.
 
     Streamlit takes a ``pages/`` folder next to the entry point for a legacy (v1) multipage app until some
-    session has called ``st.navigation``. So on a freshly started server, a first visit straight to a deep
-    link (``/data``) runs ``pages/data.py`` alone, under Streamlit's own list of files, without the
-    router's session, sidebar or sample data. ``st.navigation`` switches the whole server to the router,
-    for this session and every later one, and ``st.rerun`` runs this visit again through app.py, on the
-    same page (the URL's page keeps its identity: both name it by its key).
+    session has called ``st.navigation``: on a freshly started server, a first visit straight to a deep link
+    (``/data``) runs ``pages/data.py`` alone, under Streamlit's own list of files, without the router's
+    session, sidebar or sample data (Streamlit's ``AppTest`` starts every run in that state). Here the
+    router runs in its place, in the same run (so a click that started the run still counts): its
+    ``st.navigation`` replaces Streamlit's list and switches the whole server to the router, and it runs
+    this page inside :func:`routed`. Then this outer run of the file stops.
     """
     if _ROUTED.get():
         return
-    st.navigation(studio_pages(), position="hidden")
-    st.rerun()
+    runpy.run_path(str(_ROUTER), run_name="__main__")
+    st.stop()
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&=])")
