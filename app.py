@@ -5,7 +5,9 @@ or ``transfer-studio app [--sample]`` once the package is installed. Community C
 ``cloud/streamlit_app.py``.
 
 This file is the one router (STYLE habit 10): page config, session state defaults, the session's
-workspace (and the settings it keeps across a refresh), the shared sidebar, and ``st.navigation([...]).run()``. The pages live in ``pages/``.
+workspace (and the settings it keeps across a refresh), the shared sidebar, and ``st.navigation([...]).run()``.
+The pages live in ``pages/``; each starts with ``ui.widgets.through_the_router()``, which sends a visit that
+Streamlit ran without this file (a deep link as a fresh server's first visit) back through it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ tune_allocator()  # before the heavy imports: large blocks go back to the system
 from ui import session, sidebar, state  # noqa: E402 - set_page_config must come first
 from ui.cache import freeze_gc_after_imports, warm_default_backbone  # noqa: E402
 from ui.datasets import use_sample  # noqa: E402
-from ui.widgets import PAGES  # noqa: E402
+from ui.widgets import routed, studio_pages  # noqa: E402
 
 logging.getLogger("tl_core").setLevel(logging.INFO)
 
@@ -39,15 +41,13 @@ if "--sample" in sys.argv[1:] and not ws.sample_offered:
         except Exception as exc:  # noqa: BLE001 - the app must start even if the sample is missing
             st.toast(f"The sample data could not be loaded: {exc}", icon=":material/error:")
 
-pages = [
-    st.Page(p.path, title=p.title, icon=p.icon, url_path=p.key, default=p.key == "home") for p in PAGES.values()
-]
-navigation = st.navigation(pages)
+navigation = st.navigation(studio_pages())
 sidebar.render(ws)
 with st.sidebar:
     session.remember_in_browser(ws.sid)  # after the sidebar's content: an invisible element
 try:
-    navigation.run()
+    with routed():  # the pages' through_the_router() checks this
+        navigation.run()
 finally:
     # Also after st.stop()/st.rerun()/st.switch_page(): what the page just set is what a refresh restores.
     ws.save_settings(state.snapshot())

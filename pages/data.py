@@ -22,8 +22,9 @@ from ui.datasets import (
 from ui.figures import class_counts
 from ui.report import findings, split_table
 from ui.settings import current_splits
-from ui.widgets import flash, go, image_grid, md_escape, plural, show_error, show_flash
+from ui.widgets import flash, go, image_grid, md_escape, plural, show_error, show_flash, through_the_router
 
+through_the_router()  # first: a deep link to a fresh server runs this file alone (see its doc)
 ws = session.current()
 data = ws.dataset
 IMAGE_TYPES = ["jpg", "jpeg", "jfif", "png", "bmp", "gif", "webp", "tif", "tiff", "heic", "heif"]

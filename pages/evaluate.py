@@ -11,8 +11,9 @@ from ui.cache import run_embedding, run_evaluation, thumb
 from ui.figures import confusion_matrix, embedding_map, metric_bars
 from ui.report import compare_table
 from ui.widgets import (flash, go, image_grid, kept_epoch, md_escape, percent, plural, require_run, show_error,
-                        show_flash)
+                        show_flash, through_the_router)
 
+through_the_router()  # first: a deep link to a fresh server runs this file alone (see its doc)
 ws = session.current()
 st.title("Evaluate")
 show_flash()

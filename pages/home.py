@@ -6,8 +6,9 @@ from tl_core.data import DataError
 from ui import session
 from ui.datasets import use_sample
 from ui.figures import transfer_diagram_dot
-from ui.widgets import go, show_error
+from ui.widgets import go, show_error, through_the_router
 
+through_the_router()  # first: a deep link to a fresh server runs this file alone (see its doc)
 ws = session.current()
 
 st.title("Transfer Studio")

@@ -8,8 +8,9 @@ from ui import recommend, session, state
 from ui.cache import backbone_table, stage_summary
 from ui.figures import human_count, stage_diagram
 from ui.settings import STRATEGY_DEFAULTS, STRATEGY_TEXT, head_fit, on_strategy_change
-from ui.widgets import go, md_escape
+from ui.widgets import go, md_escape, through_the_router
 
+through_the_router()  # first: a deep link to a fresh server runs this file alone (see its doc)
 ws = session.current()
 data = ws.dataset
 

@@ -7,7 +7,7 @@ from tl_core.runs import RunError
 from ui import cam, camera, session, state
 from ui.cache import run_evaluation
 from ui.figures import top_k
-from ui.widgets import md_escape, percent, require_run, seconds, show_error, slug
+from ui.widgets import md_escape, percent, require_run, seconds, show_error, slug, through_the_router
 from ui.worker import ExportJob
 
 try:
@@ -17,6 +17,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the engine version
     EXPORT_AVAILABLE = False
 
+through_the_router()  # first: a deep link to a fresh server runs this file alone (see its doc)
 ws = session.current()
 st.title("Predict & Export")
 if not EXPORT_AVAILABLE:

@@ -9,9 +9,11 @@ from ui.cache import pretrained_backbone, shared_image_cache
 from ui.device import device_label, device_picker, short_name
 from ui.figures import training_curves
 from ui.settings import current_splits, describe, run_name, train_config
-from ui.widgets import go, kept_epoch, kept_row, md_escape, percent, plural, require_data, seconds, show_error
+from ui.widgets import (go, kept_epoch, kept_row, md_escape, percent, plural, require_data, seconds, show_error,
+                        through_the_router)
 from ui.worker import TrainingJob
 
+through_the_router()  # first: a deep link to a fresh server runs this file alone (see its doc)
 ws = session.current()
 
 st.title("Train")
@@ -210,21 +212,26 @@ columns = ["name", "val_accuracy", "balanced_accuracy", "macro_f1", "backbone", 
            "status", "created"]
 for n, (fp, label, group) in enumerate(groups):
     table = pd.DataFrame([r.row() for r in group])
-    table["created"] = table["created"].str.slice(0, 16).str.replace("T", " ")
+    table["created"] = pd.to_datetime(table["created"], utc=True, errors="coerce")
+    # A column saying "completed" on every row says nothing, and the table must fit beside the sidebar.
+    shown = columns if (table["status"] != "completed").any() else [c for c in columns if c != "status"]
     this = fp == ws.fingerprint
     title = (f"**{md_escape(label)}** · {plural(len(group), 'model')}" + (" · the data loaded now" if this else ""))
     # The current data's models open; other data's models stay one click away, labelled with their data.
     with st.expander(title, expanded=this or (n == 0 and ws.fingerprint is None), icon=":material/photo_library:"):
         st.dataframe(
-            table[columns],
+            table[shown],
             hide_index=True,
             key=f"train_runs_table_{n}",
             column_config={
-                "name": st.column_config.TextColumn("name", width="medium"),
+                "name": st.column_config.TextColumn("name", width=170),
                 "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent",
                                                               help="Of the kept model (its best epoch)."),
                 "balanced_accuracy": st.column_config.NumberColumn("balanced acc.", format="percent"),
                 "macro_f1": st.column_config.NumberColumn("macro F1", format="%.3f"),
                 "seconds": st.column_config.NumberColumn("seconds", format="%.0f"),
+                # Its whole date and time in view: sized to its content, it lost the time past the table's edge.
+                "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm", width=125,
+                                                           help="When the run was trained (UTC)."),
             },
         )

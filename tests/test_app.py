@@ -502,12 +502,41 @@ def test_experiments_recommendation_runs_in_the_background_and_can_be_applied():
     assert at.session_state["ts_strategy"] == job.result.strategy
 
 
+EXP_VIEWS = {  # each tab of the Experiments page, and a widget only that tab draws
+    "Which strategy?": "exp_recommend",
+    "Scratch vs pretrained": "exp_compare",
+    "How many images?": "exp_curve",
+    "Inside the network": "ts_exp_image",
+}
+
+
+@pytest.mark.parametrize("tab", list(EXP_VIEWS))
+def test_experiments_computes_only_the_open_tab(tab, monkeypatch):
+    import tl_core.experiments as ex
+
+    looked_inside = []
+    top5 = ex.imagenet_top5
+    monkeypatch.setattr(ex, "imagenet_top5", lambda *a, **k: looked_inside.append(1) or top5(*a, **k))
+    at = new_app().run()
+    load_sample(at)
+    at.session_state["ts_exp_tab"] = tab
+    goto(at, "experiments")
+    assert_clean(at)
+    keys = {w.key for kind in (at.button, at.slider, at.selectbox) for w in kind}
+    assert {k for k in EXP_VIEWS.values() if k in keys} == {EXP_VIEWS[tab]}, keys
+    # The network is looked inside (a forward pass and its feature maps) only when that tab is open.
+    assert bool(looked_inside) == (tab == "Inside the network")
+    if tab == "Inside the network":
+        assert any(c.key == "exp_top5" for c in at.get("plotly_chart")), "its ImageNet top 5 is drawn"
+
+
 @pytest.mark.slow
 def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny_dataset, monkeypatch):
     from ui.datasets import use_source
 
     at = new_app().run()
     use_source(workspace(at), tiny_dataset({"ants": 8, "bees": 8}), kind="folder", label="tiny")
+    at.session_state["ts_exp_tab"] = "Scratch vs pretrained"
     goto(at, "experiments")
     at.slider(key="ts_exp_budget").set_value(15).run()
     at.button(key="exp_compare").click().run()
@@ -516,6 +545,7 @@ def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny
     # A refresh: a new Streamlit session, same workspace; the saved runs are drawn without training.
     again = refreshed(monkeypatch, at.session_state["ts_session_id"]).run()
     workspace(again).experiments.clear()
+    again.session_state["ts_exp_tab"] = "Scratch vs pretrained"
     goto(again, "experiments")
     again.slider(key="ts_exp_budget").set_value(15).run()
     assert_clean(again)
@@ -551,6 +581,16 @@ def _tiny_job(tiny_dataset, store_root: Path, **config):
     cfg = TrainConfig(**{"epochs": 3, **config})
     splits = split_dataset(data, val_fraction=0.34, seed=0)
     return TrainingJob(data=data, splits=splits, config=cfg, store=RunStore(store_root))
+
+
+def trained_app(tiny_dataset, **config):
+    """``(app, workspace, job)``: a studio session whose tiny data set has one finished run (``_tiny_job``)."""
+    at = new_app().run()
+    ws = workspace(at)
+    job = _tiny_job(tiny_dataset, ws.runs_dir, **config)
+    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
+    job.run()
+    return at, ws, job
 
 
 def test_worker_runs_in_a_thread_reports_progress_and_saves(tiny_dataset, tmp_path):
@@ -704,11 +744,7 @@ def test_session_keys_are_declared_once_and_pages_use_no_raw_keys():
 
 
 def test_runs_can_be_renamed_and_deleted(tiny_dataset):
-    at = new_app().run()
-    ws = workspace(at)
-    job = _tiny_job(tiny_dataset, ws.runs_dir, epochs=2)
-    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
-    job.run()
+    at, ws, _ = trained_app(tiny_dataset, epochs=2)
     goto(at, "evaluate")
     assert_clean(at)
     at.text_input(key="ts_rename_to").input("my <b>first</b> model").run()
@@ -719,6 +755,20 @@ def test_runs_can_be_renamed_and_deleted(tiny_dataset):
     assert not at.exception
     assert ws.store.list()[0] == []
     assert any("deleted" in s.value for s in at.success)
+
+
+def test_the_runs_table_shows_when_each_run_was_made_in_full(tiny_dataset):
+    import json
+
+    at, _, _ = trained_app(tiny_dataset, epochs=2)
+    goto(at, "train")
+    assert_clean(at)
+    (table,) = [d for d in at.dataframe if "created" in d.value.columns]
+    assert str(table.value["created"].dtype).startswith("datetime64"), "a time, not a cut string"
+    created = json.loads(table.proto.columns)["created"]
+    assert created["type_config"]["format"] == "YYYY-MM-DD HH:mm" and created["width"] >= 120, created
+    # Every run completed: no column of identical "completed" taking the room the date needs.
+    assert "status" not in table.value.columns
 
 
 def test_two_runs_are_compared_side_by_side(tiny_dataset):
@@ -775,6 +825,101 @@ def test_health_findings_have_fixes(tiny_dataset):
     titles = " | ".join(f.title for f in found)
     assert "left out" in titles and "two different classes" in titles and "Unbalanced" in titles
     assert all(f.fix for f in found if f.level in ("error", "warning"))
+
+
+def test_split_warnings_read_as_warnings_on_the_data_page(tmp_path):
+    """A class without validation images and a one-class validation split are warnings, not plain notes."""
+    from corpus import make_class_folder
+
+    from tl_core.data import load_dataset
+    from ui.report import findings
+
+    root = tmp_path / "splits"
+    make_class_folder(root / "train", {"ants": 6, "bees": 6})
+    make_class_folder(root / "val", {"ants": 3})
+    data = load_dataset(root)
+    found = findings(data.report)
+    warned = " | ".join(f.title for f in found if f.level == "warning")
+    assert "no validation images" in warned and "validation split holds only 'ants'" in warned, found
+    assert not any(f.level == "success" for f in found), "no 'No problems found' beside a warning"
+    assert [f.level for f in found] == sorted((f.level for f in found), key=["error", "warning", "info"].index)
+
+    at = new_app().run()
+    ws = workspace(at)
+    ws.set_dataset(data, kind="folder", path=root, label="splits")
+    at = goto(at, "data")
+    assert not at.exception, [e.value for e in at.exception]
+    warnings = " | ".join(w.value for w in at.warning)
+    assert "no validation images" in warnings and "holds only" in warnings, warnings
+    assert not any("no validation images" in i.value for i in at.info)
+
+
+def test_split_refusal_is_an_error_finding(tmp_path):
+    from corpus import make_class_folder
+
+    from tl_core.data import load_dataset
+    from ui.report import findings
+
+    root = tmp_path / "splits"
+    make_class_folder(root / "train", {"ants": 4})
+    make_class_folder(root / "val", {"bees": 4})
+    found = findings(load_dataset(root).report)
+    assert found[0].level == "error" and "train split holds only 'ants'" in found[0].title, found
+
+
+def test_cli_progress_counts_fine_tuning_epochs_after_the_head_warm_up(tiny_dataset, capsys):
+    """The warm-up is recorded as epoch 0: the plain progress lines still read "epoch 1/1", never "epoch 2/1"."""
+    from tl_core.cli import TqdmProgress
+    from tl_core.data import load_dataset
+    from tl_core.training import TrainConfig, fit
+
+    data = load_dataset(tiny_dataset({"ants": 6, "bees": 6}))
+    cfg = TrainConfig(strategy="partial", epochs=1, batch_size=4, head_warmup=2)
+    result = fit(data, cfg, callbacks=[TqdmProgress(bars=False)])
+    assert [r["epoch"] for r in result.history] == [0, 1], "a warm-up, then one epoch of fine-tuning"
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(("Warmed up", "training:", "epoch "))]
+    assert lines[0].startswith("Warmed up the new head"), err
+    assert lines[1] == "training: 1 epoch", err
+    assert lines[2].startswith("epoch 1/1: loss "), err
+    assert len(lines) == 3, err
+
+
+def test_folder_signature_walks_what_the_loader_reads_deep_trees_and_link_loops_included(tiny_dataset, tmp_path):
+    import os
+    import sys
+
+    from tl_core.data.paths import MAX_DEPTH
+    from ui.cache import folder_signature
+
+    root = tiny_dataset({"ants": 3, "bees": 3})
+    base = folder_signature(root)
+    assert base[0] == 6 and base[3] == 0
+    # Deeper than the loader reads: a file there changes nothing.
+    deep = root / "ants" / Path(*["d"] * (MAX_DEPTH + 2))
+    deep.mkdir(parents=True)
+    (deep / "deep.jpg").write_bytes(b"x" * 10)
+    assert folder_signature(root)[:3] == base[:3]
+    # Deeper than Python's recursion limit (a recursive walk fails there), and a link back to the root.
+    levels = [root / "bees"]
+    for _ in range(sys.getrecursionlimit() + 50):
+        levels.append(levels[-1] / "e")
+        levels[-1].mkdir()
+    (root / "bees" / "loop").symlink_to(root, target_is_directory=True)
+    os.mkfifo(root / "bees" / "pipe.jpg")
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"y" * 100)
+    (root / "ants" / "outside.jpg").symlink_to(outside)
+    try:
+        sig = folder_signature(root)
+    finally:
+        for level in reversed(levels[1:]):  # pytest's own clean-up removes folders recursively
+            level.rmdir()
+    assert sig[:3] == base[:3], "links, a FIFO and too-deep folders are not read"
+    assert sig[3] >= 4, "each is left out, as in the loader's report"
+    # A file the loader reads changes it.
+    (root / "ants" / "new.jpg").write_bytes(b"z" * 7)
+    assert folder_signature(root)[:2] == (7, base[1] + 7)
 
 
 def test_safe_names_and_markdown_escaping():

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_app import _tiny_job, assert_clean, goto, new_app, studio_home, workspace  # noqa: F401 - fixture
+from test_app import assert_clean, goto, new_app, studio_home, trained_app, workspace  # noqa: F401 - fixture
 from test_quality import _copies
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +58,7 @@ def test_data_page_shows_near_duplicate_pairs_and_likely_label_errors(mixed_up):
 
 
 def test_predict_page_says_not_sure_for_a_photo_unlike_every_class(tiny_dataset):
-    at = new_app().run()
-    ws = workspace(at)
-    job = _tiny_job(tiny_dataset, ws.runs_dir, epochs=3)
-    ws.set_dataset(job.data, kind="folder", path=job.data.root, label="tiny")
-    job.run()
+    at, ws, _ = trained_app(tiny_dataset, epochs=3)
     run = ws.store.list()[0][0]
     assert run.meta["calibration"]["temperature"] > 0
     goto(at, "predict")

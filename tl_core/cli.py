@@ -74,7 +74,7 @@ class TqdmProgress:
             if state.phase == "features":
                 self._line(f"features: computing, {state.batches} batches")
             elif state.phase == "train":
-                self._line(f"training: {state.epochs} epochs")
+                self._line(f"training: {state.epochs} epoch{'' if state.epochs == 1 else 's'}")
             return
         from tqdm import tqdm
 
@@ -96,7 +96,8 @@ class TqdmProgress:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
         elif self.enabled and not self.bars:
-            self._line(f"epoch {len(state.history)}/{state.epochs}: loss {row['train_loss']:.3f}, "
+            # By the row's own number: the head warm-up before fine-tuning is in the history too, as epoch 0.
+            self._line(f"epoch {row['epoch']}/{state.epochs}: loss {row['train_loss']:.3f}, "
                        f"val accuracy {row['val_accuracy']:.3f}")
 
     def on_message(self, state, message: str) -> None:

@@ -195,26 +195,34 @@ def byte_cache(name: str) -> ByteLRU:
 # Pure functions of data
 
 
-def folder_signature(path: str | os.PathLike) -> tuple[int, int, int]:
-    """``(files, bytes, newest mtime)`` of everything under ``path`` (a file: just that file)."""
+def folder_signature(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """``(files, bytes, newest mtime, files left out)`` of what the dataset loader reads under ``path``.
+
+    The loader's own walk (:func:`tl_core.data.folders.walk_files`): iterative, at most ``MAX_DEPTH``
+    levels, links and special files never followed, so a deep tree, a link loop or a FIFO costs no more
+    here than there, and a file the loader would not read (too deep, outside the folder) changes nothing.
+    A file: just that file.
+    """
+    from tl_core.data.folders import walk_files
+
     path = Path(path)
     if path.is_file():
         st_ = path.stat()
-        return 1, st_.st_size, st_.st_mtime_ns
+        return 1, st_.st_size, st_.st_mtime_ns, 0
+    left_out: list = []
     files = size = newest = 0
-    for dirpath, _, names in os.walk(path):
-        for name in names:
-            try:
-                s = os.stat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            files += 1
-            size += s.st_size
-            newest = max(newest, s.st_mtime_ns)
-    return files, size, newest
+    for f in walk_files(path, left_out):
+        try:
+            s = f.stat()
+        except OSError:
+            continue
+        files += 1
+        size += s.st_size
+        newest = max(newest, s.st_mtime_ns)
+    return files, size, newest, len(left_out)
 
 
-def _scan(path: str, work_dir: str | None, signature: tuple[int, int, int]):
+def _scan(path: str, work_dir: str | None, signature: tuple[int, int, int, int]):
     from tl_core.data import load_dataset
 
     return byte_cache("scans").get_or_compute(

@@ -53,6 +53,9 @@ class Finding:
     files: pd.DataFrame | None = field(default=None, repr=False)
 
 
+_SERIOUSNESS = {"error": 0, "warning": 1, "info": 2, "success": 3}
+
+
 def findings(report, *, min_per_class: int = 10) -> list[Finding]:
     """Readable findings for a :class:`~tl_core.data.DataReport`, most serious first."""
     out: list[Finding] = []
@@ -160,8 +163,10 @@ def findings(report, *, min_per_class: int = 10) -> list[Finding]:
                 "Tiny images carry little detail; use larger originals if you have them.",
             )
         )
-    for note in report.notes:
-        out.append(Finding("info", note))
+    # A note that warns (a class the splits cannot teach or measure) reads as a warning, not as information.
+    levels = getattr(report, "note_levels", {})  # a report pickled before note levels existed has none
+    out += [Finding(levels.get(note, "info"), note) for note in report.notes]
+    out.sort(key=lambda f: _SERIOUSNESS[f.level])  # stable: findings of one level keep their order
     if not any(f.level in ("error", "warning") for f in out):
         out.insert(0, Finding("success", f"No problems found in {plural(report.num_images, 'image')}."))
     return out

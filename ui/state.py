@@ -185,6 +185,7 @@ CAM_METHOD = _declare("ts_cam_method", "gradcam", "Class-activation-map method."
 EXP_BUDGET = _declare("ts_exp_budget", 30, "Seconds per method in the strategy comparison.")
 EXP_CURVE_BUDGET = _declare("ts_exp_curve_budget", 6, "Seconds per from-scratch point of the learning curve.")
 EXP_IMAGE = _declare("ts_exp_image", None, "Image shown in the inside-the-network views.")
+EXP_TAB = _declare("ts_exp_tab", "Which strategy?", "The Experiments page's open tab (only that tab is computed).")
 
 # --------------------------------------------------------------------------------------------------
 # Predict & Export page

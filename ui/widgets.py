@@ -7,10 +7,14 @@ label such as ``**bold**`` or ``<script>`` shows as typed and never runs.
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import math
 import re
+import runpy
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,7 @@ class PageInfo:
 # Absolute, because st.Page and st.switch_page read relative paths from the entry point's folder,
 # and the studio has two entry points: app.py and cloud/streamlit_app.py (Community Cloud).
 _PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
+_ROUTER = Path(__file__).resolve().parents[1] / "app.py"
 
 PAGES: dict[str, PageInfo] = {
     p.key: p
@@ -47,6 +52,44 @@ if importlib.util.find_spec("tl_core.experiments") is not None:
     PAGES["experiments"] = PageInfo(
         "experiments", str(_PAGES_DIR / "experiments.py"), "Experiments", ":material/science:"
     )
+
+# True while app.py runs the chosen page (see :func:`through_the_router`).
+_ROUTED: contextvars.ContextVar[bool] = contextvars.ContextVar("transfer_studio_routed", default=False)
+
+
+def studio_pages() -> list:
+    """The studio's pages for ``st.navigation``: the URL of each is its key (``/data``), Home is ``/``."""
+    return [
+        st.Page(p.path, title=p.title, icon=p.icon, url_path=p.key, default=p.key == "home") for p in PAGES.values()
+    ]
+
+
+@contextmanager
+def routed() -> Iterator[None]:
+    """The router (app.py) runs the chosen page inside this."""
+    token = _ROUTED.set(True)
+    try:
+        yield
+    finally:
+        _ROUTED.reset(token)
+
+
+def through_the_router() -> None:
+    """The first call of every page: a page that Streamlit runs without app.py runs through it instead.
+
+    Streamlit takes a ``pages/`` folder next to the entry point for a legacy (v1) multipage app until some
+    session has called ``st.navigation``: on a freshly started server, a first visit straight to a deep link
+    (``/data``) runs ``pages/data.py`` alone, under Streamlit's own list of files, without the router's
+    session, sidebar or sample data (Streamlit's ``AppTest`` starts every run in that state). Here the
+    router runs in its place, in the same run (so a click that started the run still counts): its
+    ``st.navigation`` replaces Streamlit's list and switches the whole server to the router, and it runs
+    this page inside :func:`routed`. Then this outer run of the file stops.
+    """
+    if _ROUTED.get():
+        return
+    runpy.run_path(str(_ROUTER), run_name="__main__")
+    st.stop()
+
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&=])")
 

@@ -217,8 +217,11 @@ def scan(
     if "train" in split_counts and "val" in split_counts:
         # The source's own train and val folders are used as they are: say what they cannot teach or measure.
         refusal, warnings = split_findings(split_counts, classes)
-        notes += [f"{refusal[0].upper()}{refusal[1:]}."] if refusal else []
-        notes += warnings
+        refusal_note = [f"{refusal[0].upper()}{refusal[1:]}."] if refusal else []
+        notes += refusal_note + warnings
+        note_levels = dict.fromkeys(refusal_note, "error") | dict.fromkeys(warnings, "warning")
+    else:
+        note_levels = {}
     widths = np.array([s.width for s in samples] or [0])
     heights = np.array([s.height for s in samples] or [0])
     sizes = {
@@ -242,6 +245,7 @@ def scan(
         skipped=skipped,
         duplicates=_find_duplicates(samples),
         notes=notes,
+        note_levels=note_levels,
         flagged=flagged,
         near_duplicates=find_near_duplicates(samples, [hashes[s.relpath] for s in samples]),
     )

@@ -185,6 +185,10 @@ class DataReport:
     skipped: list[SkippedFile] = field(default_factory=list)
     duplicates: list[DuplicateGroup] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: The notes that are more than information, by note: ``"error"`` (training will be refused: the train
+    #: split cannot teach two classes) or ``"warning"`` (a class cannot be learnt or measured). Any other
+    #: note is plain information.
+    note_levels: dict[str, str] = field(default_factory=dict)
     #: Files that were kept but deserve a look (``tiny``, ``blank``: placeholders, failed downloads).
     flagged: list[SkippedFile] = field(default_factory=list)
     #: Pairs that look alike without being byte-identical (:mod:`.quality`), closest first.
