@@ -123,7 +123,7 @@ def test_progress_draws_bars_on_a_terminal_and_lines_elsewhere(monkeypatch):
         s.phase = "train"
         p.on_phase_start(s)
         for epoch in (1, 2):
-            s.history.append({"train_loss": 0.5 / epoch, "val_accuracy": 0.8})
+            s.history.append({"epoch": epoch, "train_loss": 0.5 / epoch, "val_accuracy": 0.8})
             p.on_epoch_end(s)
         p.on_fit_end(s)
         return buf.getvalue()

@@ -562,7 +562,7 @@ def test_studio_shows_the_same_split_warnings(tmp_path, monkeypatch):
         use_source(ws, root, kind="folder", label="hostile splits")
         at.switch_page("pages/data.py").run()
         assert not at.exception
-        assert "'wasps' has no training images" in " ".join(e.value for e in at.info)
+        assert "'wasps' has no training images" in " ".join(e.value for e in at.warning)
         at.switch_page("pages/model.py").run()
         at.radio(key="ts_head_fit").set_value("epochs").run()
         at.number_input(key="ts_epochs").set_value(2).run()
