@@ -549,7 +549,7 @@ def _csv_folder(tmp_path: Path, rows: list[str], encoding: str = "utf-8") -> Pat
 
 def test_csv_paths_never_leave_the_folder(tmp_path):
     outside = tmp_path / "csv" / "outside.jpg"
-    path = _csv_folder(tmp_path, [f"../outside.jpg,ant", f"{tmp_path}/secret/elsewhere.jpg,bee",
+    path = _csv_folder(tmp_path, ["../outside.jpg,ant", f"{tmp_path}/secret/elsewhere.jpg,bee",
                                   "sub/../../outside.jpg,bee"])
     outside.write_bytes(_jpeg(7))
     (tmp_path / "secret").mkdir()
