@@ -113,41 +113,19 @@ def random_net() -> Callable[[str], torch.nn.Module]:
     return get
 
 
-_STUDIO: dict = {}  # the session's studio server while it runs
-
-
 @pytest.fixture(scope="session")
 def studio_server(tmp_path_factory):
     """``streamlit run app.py`` (:class:`test_browser.StudioServer`) for the session's browser tests, started at
     first use and shared: every browser context gets its own studio session, and the tests look only at theirs.
 
     Its own, empty feature cache: the main flow (test_browser.py's first test) is timed as a first visit.
-    Stopped after the last test that uses it (:func:`pytest_runtest_teardown`), not at the session's end.
     """
-    from test_browser import StudioServer
+    from test_browser import ARTIFACTS, StudioServer
 
     home = tmp_path_factory.mktemp("studio-browser")
-    _STUDIO["server"] = StudioServer(home, {"TRANSFER_STUDIO_CACHE": str(home / "cache")}).start()
-    yield _STUDIO["server"]
-    _stop_studio()
-
-
-def _stop_studio() -> None:
-    from test_browser import ARTIFACTS
-
-    srv = _STUDIO.pop("server", None)
-    if srv is None:
-        return
+    srv = StudioServer(home, {"TRANSFER_STUDIO_CACHE": str(home / "cache")}).start()
+    yield srv
     srv.stop()
     if srv.log_path.exists():
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "server-browser.log").write_text(srv.log_path.read_text(errors="replace"))
-
-
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """Stops the shared studio server once no test left to run uses it (it holds a gigabyte or two)."""
-    if "server" not in _STUDIO:
-        return
-    items = item.session.items
-    if not any("studio_server" in later.fixturenames for later in items[items.index(item) + 1 :]):
-        _stop_studio()
