@@ -111,21 +111,3 @@ def random_net() -> Callable[[str], torch.nn.Module]:
         return nets[name]
 
     return get
-
-
-@pytest.fixture(scope="session")
-def studio_server(tmp_path_factory):
-    """``streamlit run app.py`` (:class:`test_browser.StudioServer`) for the session's browser tests, started at
-    first use and shared: every browser context gets its own studio session, and the tests look only at theirs.
-
-    Its own, empty feature cache: the main flow (test_browser.py's first test) is timed as a first visit.
-    """
-    from test_browser import ARTIFACTS, StudioServer
-
-    home = tmp_path_factory.mktemp("studio-browser")
-    srv = StudioServer(home, {"TRANSFER_STUDIO_CACHE": str(home / "cache")}).start()
-    yield srv
-    srv.stop()
-    if srv.log_path.exists():
-        ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "server-browser.log").write_text(srv.log_path.read_text(errors="replace"))

@@ -115,15 +115,20 @@ class StudioServer:
         return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-@pytest.fixture
-def server(studio_server):
-    """The session's studio server (conftest), shared by the modules that import this fixture."""
-    return studio_server
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # Its own, empty feature cache: the main flow is timed as a first visit (nothing precomputed).
+    home = tmp_path_factory.mktemp("studio-browser")
+    srv = StudioServer(home, {"TRANSFER_STUDIO_CACHE": str(home / "cache")}).start()
+    yield srv
+    srv.stop()
+    if srv.log_path.exists():
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "server-browser.log").write_text(srv.log_path.read_text(errors="replace"))
 
 
 @pytest.fixture(scope="module")
 def browser():
-    # Module-scoped: Playwright's sync API cannot run inside another sync_playwright() (test_load.py etc.).
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -149,89 +154,20 @@ def artifacts_on_failure(name: str, *pages):
 # Page helpers
 
 
-# Installed in every page of the contexts that :func:`new_context` makes: it watches the Streamlit websocket
-# and keeps, in order, when the browser last asked for a script run (a ``BackMsg`` whose field is
-# ``rerun_script``, 11), when a run last started (a ``ForwardMsg`` with ``new_session``, 4) and when one
-# last finished (``script_finished``, 6, and whether it ended early because another run follows: status 2).
-# :func:`wait_idle` then knows whether a run is still to come, instead of sleeping in case one is.
-RUN_WATCH = """(() => {
-  const runs = window.__tsRuns = {seq: 0, asked: 0, started: 0, finished: 0, early: false};
-  const bytes = d => d instanceof ArrayBuffer ? new Uint8Array(d)
-    : ArrayBuffer.isView(d) ? new Uint8Array(d.buffer, d.byteOffset, d.byteLength) : null;
-  function fields(b) {  // top-level fields of a protobuf message: [[number, varint value or null], ...]
-    const out = []; let i = 0;
-    const varint = () => { let x = 0, m = 1; for (;;) { const c = b[i++]; x += (c & 127) * m;
-                                                          if (c < 128 || i >= b.length) return x; m *= 128; } };
-    while (i < b.length) {
-      const tag = varint(), number = Math.floor(tag / 8), type = tag & 7;
-      if (type === 0) out.push([number, varint()]);
-      else if (type === 1) { out.push([number, null]); i += 8; }
-      else if (type === 2) { out.push([number, null]); const length = varint(); i += length; }
-      else if (type === 5) { out.push([number, null]); i += 4; }
-      else break;
-    }
-    return out;
-  }
-  const Native = window.WebSocket;
-  class Watched extends Native {
-    constructor(...args) {
-      super(...args);
-      this.addEventListener("message", e => {
-        const b = bytes(e.data);
-        if (!b) return;
-        for (const [number, value] of fields(b)) {
-          if (number === 4) runs.started = ++runs.seq;
-          if (number === 6) { runs.finished = ++runs.seq; runs.early = value === 2; }
-        }
-      });
-    }
-    send(data) {
-      const b = bytes(data);
-      if (b && b.length && b[0] === (11 << 3 | 2)) runs.asked = ++runs.seq;
-      return super.send(data);
-    }
-  }
-  window.WebSocket = Watched;
-})();"""
-
-# The app is idle: no run asked for and not started yet, none going, none about to follow, and the
-# page says so (pages of a context without RUN_WATCH only have the last part).
-_IDLE = (
-    "() => { const a = document.querySelector('[data-testid=stApp]'), r = window.__tsRuns;"
-    " return a && a.getAttribute('data-test-script-state') === 'notRunning'"
-    " && (!r || (r.started > r.asked && r.finished > r.started && !r.early)); }"
-)
-_DRAWN = (
-    "() => [...document.querySelectorAll('[data-testid=stPlotlyChart]')].every(e => e.querySelector('.main-svg'))"
-    " && [...document.images].every(i => i.complete)"
-)
-_NEXT_FRAMES = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
-
-
-def new_context(browser, **options):
-    """A browser context (viewport :data:`VIEWPORT` unless given) whose pages :func:`wait_idle` can read."""
-    context = browser.new_context(**{"viewport": VIEWPORT, **options})
-    context.add_init_script(RUN_WATCH)
-    return context
-
-
 def wait_idle(page, timeout: float = 120_000) -> None:
-    """Waits until the script has finished (and no other run is asked for), charts are drawn and images
-    are loaded, and the page has drawn that.
-
-    On a page of :func:`new_context` it reads the websocket (``RUN_WATCH``); elsewhere it gives a click
-    250 ms to start a run and the page 300 ms to settle after it, as it always did.
-    """
-    watched = page.evaluate("() => !!window.__tsRuns")
-    if not watched:
-        page.wait_for_timeout(250)
-    for _ in range(2 if watched else 1):  # twice: a widget may send its value a frame after the action
-        page.wait_for_function(_IDLE, timeout=timeout)
-        page.wait_for_function(_DRAWN, timeout=timeout)
-        if watched:
-            page.evaluate(_NEXT_FRAMES)
-    if not watched:
-        page.wait_for_timeout(300)
+    """Waits until the script has finished, charts are drawn and images are loaded."""
+    page.wait_for_timeout(250)
+    page.wait_for_function(
+        "() => { const a = document.querySelector('[data-testid=stApp]');"
+        " return a && a.getAttribute('data-test-script-state') === 'notRunning'; }",
+        timeout=timeout,
+    )
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=stPlotlyChart]')].every(e => e.querySelector('.main-svg'))"
+        " && [...document.images].every(i => i.complete)",
+        timeout=timeout,
+    )
+    page.wait_for_timeout(300)
 
 
 def heading(page, text: str, timeout: float = 120_000) -> None:
@@ -243,7 +179,7 @@ def button(page, name: str):
 
 
 def open_studio(browser, server, path: str = ""):
-    context = new_context(browser)
+    context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     page.goto(server.url + path)
     heading(page, "Transfer Studio" if not path else path.strip("/").split("?")[0].capitalize())
@@ -276,14 +212,11 @@ def snap(page, name: str) -> Path:
         ".map(e => e.scrollHeight), 1000)"
     )
     page.set_viewport_size({"width": VIEWPORT["width"], "height": min(int(height) + 40, 5000)})
-    # The page laid out at its new height and drawn, charts and images included (CSS transitions are
-    # finished at once by the screenshot).
-    page.evaluate(_NEXT_FRAMES)
-    page.wait_for_function(_DRAWN)
+    page.wait_for_timeout(600)
     path = SCREENS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True, animations="disabled")
+    page.screenshot(path=str(path), full_page=True)
     page.set_viewport_size(VIEWPORT)
-    page.evaluate(_NEXT_FRAMES)
+    page.wait_for_timeout(200)
     return path
 
 
@@ -484,9 +417,7 @@ def test_refresh_during_training_keeps_the_run(browser, server):
         sid = session_id(page)
         button(page, "Start training").click()
         page.get_by_text("Step 1 · Reading the images").wait_for(timeout=60_000)
-        # Under way: the features are being read (or, on a very fast machine, the run has already ended).
-        page.get_by_text(re.compile(r"\d+% · \d+ images/s")).or_(
-            button(page, "Next: see how good it is")).first.wait_for(timeout=120_000)
+        page.wait_for_timeout(1500)
         page.reload()
         heading(page, "Train")
         wait_idle(page)
@@ -544,8 +475,7 @@ def test_screenshots_of_every_page(browser, server):
         snap(page, "05-train-ready")
         button(page, "Start training").click()
         page.get_by_text("Step 2 · Training the new head").wait_for()
-        # Under way: the features are read (step 1 says "done"), or the run has already ended.
-        page.get_by_text("done", exact=True).or_(button(page, "Next: see how good it is")).first.wait_for()
+        page.wait_for_timeout(1200)
         snap(page, "05-train-running")
         button(page, "Next: see how good it is").wait_for(timeout=600_000)
         wait_idle(page)
@@ -607,13 +537,8 @@ def test_screenshots_of_every_page(browser, server):
         page.get_by_role("tab", name="Scratch vs pretrained").click()
         page.locator("[data-testid=stSlider]").filter(has_text="Seconds per method").get_by_role("slider").press("Home")
         wait_idle(page)
-        button(page, "Run the comparison (about 50 s)").click()
-        # Under way: its progress bar says how far it is (no longer "starting…").
-        page.wait_for_function(
-            "() => [...document.querySelectorAll('[data-testid=stProgress]')]"
-            ".some(e => e.innerText.trim() && !e.innerText.trim().startsWith('starting…'))",
-            timeout=120_000,
-        )
+        button(page, "Run the comparison").click()
+        page.wait_for_timeout(5000)
         snap(page, "08-experiments-compare-running")
         page.get_by_text("Guessing the most common class").wait_for(timeout=900_000)
         wait_idle(page)

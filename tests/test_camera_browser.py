@@ -15,11 +15,11 @@ import pytest
 from test_browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    VIEWPORT,
+    StudioServer,
     artifacts_on_failure,
     go_page,
     heading,
-    new_context,
-    session_id,
     wait_idle,
 )
 
@@ -32,10 +32,12 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def server(studio_server):
-    """The session's studio server (conftest; each browser context is its own studio session)."""
-    return studio_server
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("studio-camera")
+    srv = StudioServer(home, {"TRANSFER_STUDIO_CACHE": str(home / "cache")}).start()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def camera_browser():
 
 
 def _open(browser, server, title: str):
-    context = new_context(browser, permissions=["camera"])
+    context = browser.new_context(viewport=VIEWPORT, permissions=["camera"])
     page = context.new_page()
     page.goto(server.url)
     heading(page, "Transfer Studio")
@@ -96,9 +98,8 @@ def test_camera_shots_build_a_dataset(server, camera_browser):
         page.get_by_text("Health report").wait_for()
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "camera-data.png"), full_page=True)
-        sid = session_id(page)
     context.close()
-    folders = sorted(p for p in (server.home / "sessions" / sid / "data" / "classes").iterdir() if p.is_dir())
+    folders = sorted(p for p in (server.home / "sessions").glob("*/data/classes/*") if p.is_dir())
     assert [f.name for f in folders] == ["blue mug", "red mug"]
     assert [len(list(f.glob("camera-*.jpg"))) for f in folders] == [2, 3]
 

@@ -16,11 +16,11 @@ from test_browser import (
     ARTIFACTS,
     CHROMIUM,
     CHROMIUM_ARGS,
+    VIEWPORT,
     StudioServer,
     artifacts_on_failure,
     button,
     heading,
-    new_context,
     session_id,
     sidebar_text,
     wait_idle,
@@ -42,7 +42,7 @@ def test_three_concurrent_sessions_train_and_stay_apart(tmp_path):
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            contexts = [new_context(browser) for _ in range(SESSIONS)]
+            contexts = [browser.new_context(viewport=VIEWPORT) for _ in range(SESSIONS)]
             pages = [c.new_page() for c in contexts]
             with artifacts_on_failure("load", *pages):
                 for page in pages:
