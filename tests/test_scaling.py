@@ -228,8 +228,10 @@ def test_bench_gpu_on_cuda():
 
 @pytest.mark.slow
 def test_bench_scale_runs_small(tmp_path):
+    # One torch thread per child, as the rest of the suite (conftest): on a busy 2-core machine two threads
+    # spin-wait for each other and the three children took minutes.
     r = _bench("bench_scale.py", "--sizes", "40", "120", "--input-size", "32", "--image-size", "24",
-               "--work-dir", str(tmp_path))
+               "--threads", "1", "--work-dir", str(tmp_path))
     assert [row["images"] for row in r["rows"]] == [40, 120, 40]  # the baseline again at the end
     for row in r["rows"]:
         assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["computed"] == row["images"]
