@@ -103,7 +103,7 @@ def test_rank_zero_alone_writes_the_run_and_the_json_line(frozen_runs):
     tmp, _, (two, stdout, stderr) = frozen_runs
     assert [line for line in stdout.splitlines() if line.startswith("{")] == [stdout.strip().splitlines()[-1]]
     assert [p.name for p in (tmp / "runs2").iterdir()] == [two["run_id"]]
-    assert stderr.count("training: 1 epochs") == 1  # progress from rank 0 only
+    assert stderr.count("training: 1 epoch\n") == 1  # progress from rank 0 only
     run = json.loads((tmp / "runs2" / two["run_id"] / "run.json").read_text())
     assert run["summary"]["val_accuracy"] == pytest.approx(two["val_accuracy"])
 
