@@ -2,7 +2,11 @@
 
 Run from the repository root::
 
-    python sample_data/make_sample.py [--src PATH] [--dst PATH]
+    python sample_data/make_sample.py --src PATH [--dst PATH]
+
+``--src`` is the tutorial's ``hymenoptera_data`` folder (on the team's machines,
+``../shared/datasets/hymenoptera``); it has no default, since no default may point
+outside the repository.
 
 Every source image is kept (the set's real defects, such as a ``.jpeg`` and a
 ``.gif`` among the ``.jpg`` files, are deliberately not cleaned). Each image is
@@ -29,7 +33,6 @@ from PIL import Image, ImageOps
 SHORT_SIDE = 256
 JPEG_QUALITY = 85
 HERE = Path(__file__).resolve().parent
-DEFAULT_SRC = HERE.parent.parent / "shared" / "datasets" / "hymenoptera"
 DEFAULT_DST = HERE / "hymenoptera"
 
 
@@ -98,7 +101,8 @@ def build(src: Path, dst: Path) -> dict[tuple[str, str], int]:
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", type=Path, default=DEFAULT_SRC)
+    parser.add_argument("--src", type=Path, required=True,
+                        help="the tutorial's hymenoptera_data folder ({train,val}/{ants,bees}/)")
     parser.add_argument("--dst", type=Path, default=DEFAULT_DST)
     args = parser.parse_args()
     counts = build(args.src, args.dst)
