@@ -883,6 +883,7 @@ def test_cli_progress_counts_fine_tuning_epochs_after_the_head_warm_up(tiny_data
     assert lines[1] == "training: 1 epoch", err
     assert lines[2].startswith("epoch 1/1: loss "), err
     assert len(lines) == 3, err
+    assert result.message.startswith("Finished 1 epoch;"), result.message
 
 
 def test_folder_signature_walks_what_the_loader_reads_deep_trees_and_link_loops_included(tiny_dataset, tmp_path):

@@ -261,9 +261,10 @@ def _train(args, world: int) -> int:
         summary["export"] = str(export_run(out, args.export))
     m = result.evaluation.metrics()
     processes = f" in {world} processes" if world > 1 else ""
+    epochs = f"{summary['epochs_run']} epoch{'' if summary['epochs_run'] == 1 else 's'}"
     human = (
         f"{config.backbone} ({config.strategy}) on {data.report.source}: val accuracy {m['accuracy']:.3f}, "
-        f"balanced {m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} after {summary['epochs_run']} epochs "
+        f"balanced {m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} after {epochs} "
         f"in {summary['wall_seconds']:.1f} s ({summary['feature_seconds']:.1f} s computing features) on {summary['device']}"
         f"{processes}. {result.message}"
     )

@@ -510,7 +510,8 @@ def _finish(run: _Run) -> FitResult:
     run.tracked.load_state_dict(run.best_state)
     model.cpu().eval()
     if not message:
-        message = f"Finished {cfg.epochs} epochs; restored the best epoch ({state.best_epoch})."
+        epochs = f"{cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}"
+        message = f"Finished {epochs}; restored the best epoch ({state.best_epoch})."
     state.phase = "evaluate"
     classes = list(run.data.classes)
     evaluation = Evaluation(classes, run.y_val, run.best_val_probs, [s.path for s in run.splits.val], "val")
