@@ -96,6 +96,44 @@ def test_the_regularisation_follows_the_evidence():
         assert chosen["accuracy"] == max(r["accuracy"] for r in near)
 
 
+def _oof(y, right):
+    """Out-of-fold probabilities that are right (0.9 on the true class) where ``right`` is True."""
+    p = np.full((len(y), 2), 0.1, np.float32)
+    p[np.arange(len(y)), np.where(right, y, 1 - y)] = 0.9
+    return p
+
+
+@pytest.mark.parametrize(("raw_wins", "raw_losses", "expect_raw"), [(3, 1, False), (2, 0, True), (10, 2, True)])
+def test_raw_features_win_only_by_more_than_a_standard_error(raw_wins, raw_losses, expect_raw):
+    from tl_core.training.head import _best_index, _scores
+
+    y = np.repeat([0, 1], 50)
+    std_right = np.ones(100, bool)
+    std_right[:20] = False  # standardised: 80 of 100 right
+    raw_right = std_right.copy()
+    raw_right[:raw_wins] = True  # raw also right on some of those
+    raw_right[50 : 50 + raw_losses] = False  # and wrong on some that standardised gets right
+    cands = [HeadCandidate(0.1, True, 1.0), HeadCandidate(0.1, False, 1.0)]
+    oof = {cands[0]: _oof(y, std_right), cands[1]: _oof(y, raw_right)}
+    table = []
+    for c in cands:
+        acc, bal, ll, bll = _scores(oof[c], y, 2)
+        table.append({"C": c.C, "accuracy": acc, "balanced_accuracy": bal, "log_loss": ll, "balanced_log_loss": bll})
+    assert table[1]["balanced_accuracy"] > table[0]["balanced_accuracy"], "raw is ahead in every case"
+    assert _best_index(cands, table, oof, y, 2) == (1 if expect_raw else 0)
+
+
+def test_raw_features_are_chosen_where_standardising_would_amplify_noise():
+    # Two informative features on a large scale and 300 faint noise features: standardising blows the noise
+    # up to the signal's scale, so the evidence picks the raw features.
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1], 120)
+    x = np.concatenate([(y[:, None] * 2.0 + rng.normal(0, 1.0, (240, 2))) * 10,
+                        rng.normal(0, 0.01, (240, 300))], axis=1).astype(np.float32)
+    choice = select_head(x, y, n_classes=2, seed=0)
+    assert not choice.candidate.standardise, choice.summary()
+
+
 def test_out_of_fold_probabilities_come_from_models_that_did_not_see_the_image():
     # Random labels: a model that saw an image would fit it (1.0 in-sample); out of fold it is chance.
     rng = np.random.default_rng(7)
