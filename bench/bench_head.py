@@ -30,9 +30,11 @@ Usage::
     python bench/bench_head.py ../shared/datasets/hymenoptera ../shared/datasets/neu_steel \\
         ../shared/datasets/brain_mri --seeds 5
     python bench/bench_head.py --synthetic 5000                 # head time only, 5,000 x 1280 features
+    python bench/bench_head.py --synthetic 5000 ../shared/datasets/neu_steel    # 5,000 drawn from real ones
 
 ``--synthetic N`` times the head search alone on generated ``N x 1280`` features (Lite0's width) of 10
-imbalanced classes, against one scikit-learn ``LogisticRegressionCV`` fit of the same data.
+imbalanced classes, against one scikit-learn ``LogisticRegressionCV`` fit of the same data; with a dataset,
+on ``N`` rows drawn from its real features (slower to fit than generated ones).
 """
 
 from __future__ import annotations
@@ -213,18 +215,32 @@ def print_table(rows: list[dict]) -> bool:
     return ok
 
 
-def synthetic(n: int, dim: int = 1280, classes: int = 10, seed: int = 0) -> None:
-    """Times the head search on generated features (Lite0's width), against one sklearn baseline fit."""
+def synthetic(n: int, dim: int = 1280, classes: int = 10, seed: int = 0, like: Path | None = None,
+              backbone: str = "efficientnet_lite0") -> None:
+    """Times the head search on ``n`` feature vectors, against one sklearn baseline fit.
+
+    Generated features (Lite0's width) by default. With ``like``, ``n`` rows drawn (with replacement) from
+    that dataset's cached features, each with a 5% per-feature jitter so no two are identical: real features
+    take L-BFGS more iterations than generated ones.
+    """
     import torch
 
     rng = np.random.default_rng(seed)
-    sizes = np.geomspace(1, 10, classes)
-    sizes = np.maximum(2, (sizes / sizes.sum() * n).astype(int))
-    sizes[-1] += n - sizes.sum()
-    y = np.repeat(np.arange(classes), sizes)
-    # Non-negative, sparse-ish pooled activations whose class means differ a little in every dimension.
-    means = rng.gamma(0.6, 0.5, size=(classes, dim)).astype(np.float32)
-    x = np.maximum(0, means[y] + rng.normal(0, 0.9, size=(n, dim)).astype(np.float32))
+    if like is not None:
+        real, labels, names, _, _ = dataset_features(like, backbone)
+        pick = rng.choice(len(labels), n, replace=n > len(labels))
+        x = real[pick] + (rng.normal(0, 0.05, size=(n, real.shape[1])) * real.std(0)).astype(np.float32)
+        y, classes, dim = labels[pick], len(names), real.shape[1]
+        source = f"{n} x {dim} drawn from {like.name}'s features"
+    else:
+        sizes = np.geomspace(1, 10, classes)
+        sizes = np.maximum(2, (sizes / sizes.sum() * n).astype(int))
+        sizes[-1] += n - sizes.sum()
+        y = np.repeat(np.arange(classes), sizes)
+        # Non-negative, sparse-ish pooled activations whose class means differ a little in every dimension.
+        means = rng.gamma(0.6, 0.5, size=(classes, dim)).astype(np.float32)
+        x = np.maximum(0, means[y] + rng.normal(0, 0.9, size=(n, dim)).astype(np.float32))
+        source = f"synthetic {n} x {dim}"
     calls: list[int] = []
     t0, c0 = time.perf_counter(), time.process_time()
     choice = select_head(x, y, n_classes=classes, seed=seed, progress=lambda done, total: calls.append(done))
@@ -233,7 +249,7 @@ def synthetic(n: int, dim: int = 1280, classes: int = 10, seed: int = 0) -> None
     sklearn_baseline(x, y, x[:10], seed)
     base, base_cpu = time.perf_counter() - t0, time.process_time() - c0
     load = os.getloadavg()[0]
-    print(f"synthetic {n} x {dim}, {classes} classes, torch threads {torch.get_num_threads()}, load average {load:.1f}")
+    print(f"{source}, {classes} classes, torch threads {torch.get_num_threads()}, load average {load:.1f}")
     print(f"ours: {ours:.2f} s wall, {ours_cpu:.2f} s CPU, for {choice.folds} folds x {len(choice.table)} candidates "
           f"+ refit ({len(calls)} progress reports); chose {choice.candidate.describe()}")
     print(f"sklearn LogisticRegressionCV (10 C x 5 folds, balanced, standardised): {base:.2f} s wall, "
@@ -249,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seeds", type=int, default=60, help="at most this many seeds per case")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--ratios", type=float, nargs="*", default=list(RATIOS))
-    p.add_argument("--synthetic", type=int, default=0, help="time the head search on N generated feature vectors")
+    p.add_argument("--synthetic", type=int, default=0,
+                   help="time the head search on N feature vectors: generated, or drawn from the dataset given")
     args = p.parse_args(argv)
     if args.synthetic:
-        synthetic(args.synthetic)
+        synthetic(args.synthetic, like=args.datasets[0] if args.datasets else None, backbone=args.backbone)
         return 0
     rows = []
     for path in args.datasets or [DEFAULT_DATA]:

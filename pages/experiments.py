@@ -115,6 +115,12 @@ if compare_tab.open:
                 result = ex.compare_strategies(cached_only=True, **common)
             except (ex.ExperimentError, ValueError):
                 result = None
+        for method, why in (result.failures.items() if result is not None else ()):
+            # A method that ended without one finished epoch (e.g. a budget too small on a busy machine) is
+            # not in the chart or the table: say so, or it looks as if it was never run.
+            st.warning(f"**{ex.METHOD_LABELS.get(method, method)}** gave no result: {md_escape(why)}. Give each "
+                       "method more seconds and run the comparison again; finished runs are kept.",
+                       icon=":material/timer_off:")
         if result is not None and result.runs:
             st.plotly_chart(strategy_curves(result.history(), result.chance_accuracy), key="exp_compare_chart")
             table = result.summary()[["description", "best_val_accuracy", "seconds_to_90pct", "epochs_run",

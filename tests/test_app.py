@@ -552,6 +552,29 @@ def test_experiments_strategy_comparison_is_saved_and_shown_after_a_refresh(tiny
     assert any("Guessing the most common class" in c.value for c in again.caption), "drawn from the saved runs"
 
 
+def test_experiments_comparison_says_which_method_gave_no_result(tiny_dataset, monkeypatch):
+    """A method that finished no epoch within its seconds is named with the reason, not silently left out."""
+    from tl_core import experiments as ex
+    from ui.datasets import use_source
+
+    def no_frozen(*args, **kwargs):
+        return ex.StrategyComparison(
+            {}, "efficientnet_lite0", 15.0, "fp", 0.5,
+            failures={"frozen": "not one epoch finished within the budget of 15 s"},
+        )
+
+    monkeypatch.setattr(ex, "compare_strategies", no_frozen)
+    at = new_app().run()
+    use_source(workspace(at), tiny_dataset({"ants": 4, "bees": 4}), kind="folder", label="tiny")
+    at.session_state["ts_exp_tab"] = "Scratch vs pretrained"
+    goto(at, "experiments")
+    assert not at.exception, [e.value for e in at.exception]
+    warned = [w.value for w in at.warning if "gave no result" in w.value]
+    assert warned == ["**Pretrained, frozen (only the new head trains)** gave no result: not one epoch finished "
+                      "within the budget of 15 s. Give each method more seconds and run the comparison again; "
+                      "finished runs are kept."], [w.value for w in at.warning]
+
+
 def test_experiment_png_exports_are_png_images():
     from types import SimpleNamespace
 
