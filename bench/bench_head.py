@@ -106,13 +106,17 @@ def imbalanced_subset(y: np.ndarray, ratio: float, rng: np.random.Generator) -> 
     return np.sort(np.concatenate(keep))
 
 
-def outer_folds(y: np.ndarray, seed: int, folds: int = OUTER_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified ``folds``-fold (at most the smallest class's size) ``(train, val)`` index pairs of ``y``."""
+def stratified_folds(y: np.ndarray, seed: int, folds: int = OUTER_FOLDS):
+    """Shuffled ``StratifiedKFold`` of ``folds`` folds, at most the smallest class's size."""
     from sklearn.model_selection import StratifiedKFold
 
     counts = np.bincount(y)
-    k = int(min(folds, counts[counts > 0].min()))
-    return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    return StratifiedKFold(int(min(folds, counts[counts > 0].min())), shuffle=True, random_state=seed)
+
+
+def outer_folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ``(train, val)`` index pairs of :func:`stratified_folds` on ``y``."""
+    return list(stratified_folds(y, seed).split(np.zeros(len(y)), y))
 
 
 def scores(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -124,15 +128,13 @@ def scores(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def sklearn_baseline(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, seed: int) -> np.ndarray:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    folds = int(min(5, np.bincount(y_tr)[np.bincount(y_tr) > 0].min()))
     clf = make_pipeline(
         StandardScaler(),
         LogisticRegressionCV(
-            Cs=10, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), class_weight="balanced",
+            Cs=10, cv=stratified_folds(y_tr, seed, 5), class_weight="balanced",
             scoring="accuracy", max_iter=1000,
         ),
     )

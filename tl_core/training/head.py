@@ -337,8 +337,10 @@ def _best_index(
     if not by_scaling[True] or not by_scaling[False]:
         return _best_in(range(len(cands)), table)
     std, raw = _best_in(by_scaling[True], table), _best_in(by_scaling[False], table)
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weight = 1.0 / (np.count_nonzero(counts) * counts[labels])  # the sum of weights of right answers: balanced acc.
+    # Each image weighs as its class does in the balanced fit; the sum of the right answers' weights is then
+    # balanced accuracy up to a constant factor, which the test below (sum against root of summed squares)
+    # does not depend on.
+    weight = class_weights(labels, n_classes).double().numpy()[labels]
     gain = weight * ((oof[cands[raw]].argmax(1) == labels).astype(np.float64)
                      - (oof[cands[std]].argmax(1) == labels))
     return raw if gain.sum() > np.sqrt((gain**2).sum()) else std
