@@ -3,8 +3,11 @@ out-of-fold probabilities, and the frozen path of fit() that uses them. Features
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
+import torch
 
 from tl_core.training.head import (
     C_GRID,
@@ -152,18 +155,78 @@ def test_progress_counts_every_fit_and_a_raise_stops_the_search():
     calls = []
     select_head(x, y, n_classes=3, progress=lambda done, total: calls.append((done, total)))
     total = calls[-1][1]
-    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1] == (total, total)
-    assert total == n_folds(y) * 2 * len(C_GRID) + len(C_GRID)
+    # Every fold's fit of each path, then the refit; reported once each, in order, on the caller's thread.
+    assert total == n_folds(y) * 2 * len(C_GRID) + 1
+    assert calls == [(d, total) for d in range(1, total + 1)]
 
     class Stop(Exception):
         pass
 
+    seen = []
+
     def stop(done, total):
+        seen.append(threading.current_thread())
         if done == 3:
             raise Stop
 
     with pytest.raises(Stop):
         select_head(x, y, n_classes=3, progress=stop)
+    assert len(seen) == 3 and set(seen) == {threading.current_thread()}
+    # The folds' fits running side by side stopped too: none is left running after the raise.
+    assert not [t for t in threading.enumerate() if t.name.startswith("head-search")]
+
+
+def test_the_search_gives_the_same_head_on_one_thread_as_on_several():
+    x, y = blobs([40, 25, 30], seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = select_head(x, y, n_classes=3)
+        torch.set_num_threads(3)
+        several = select_head(x, y, n_classes=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.candidate == several.candidate and one.table == several.table
+    np.testing.assert_array_equal(one.oof_probs, several.oof_probs)
+    np.testing.assert_array_equal(one.weight, several.weight)
+
+
+def test_searches_leave_the_blas_threads_as_they_were():
+    """The search runs its fits on one BLAS thread each; the limit is lifted when it ends, stopped or not,
+    and when two sessions search at once."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    x, y = blobs([30, 30, 30], seed=12)
+
+    def stop(done, total):
+        if done == 2:
+            raise KeyboardInterrupt  # the app's stop request is an exception raised in progress
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert before and set(before) == {2}
+        select_head(x, y, n_classes=3)
+        assert blas_threads() == before
+        with pytest.raises(KeyboardInterrupt):
+            select_head(x, y, n_classes=3, progress=stop)
+        assert blas_threads() == before
+        errors = []
+
+        def search(seed):
+            try:
+                select_head(x, y, n_classes=3, seed=seed)
+            except Exception as exc:  # handed to the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=search, args=(seed,)) for seed in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors and blas_threads() == before
 
 
 def test_views_train_and_a_class_absent_from_training_is_allowed():

@@ -6,8 +6,9 @@ guessed: :func:`select_head` compares candidate settings by stratified k-fold cr
 training split only (scikit-learn's ``StratifiedKFold``), then refits the best one on the whole training
 split. Each candidate is an exact L-BFGS fit of the same objective as scikit-learn's
 ``LogisticRegression`` (``C`` times the summed, optionally class-weighted, cross-entropy plus half the
-squared weights), run in torch so that the regularisation path of each fold is warm-started: the
-stronger-regularised solution starts the next, which makes the whole search a few seconds.
+squared weights) by scipy's L-BFGS-B, scikit-learn's own solver for it. The regularisation path of each
+fold is warm-started (the stronger-regularised solution starts the next), and the folds' paths run side by
+side on the CPU's cores, which makes the whole search a few seconds.
 
 The chosen model folds its standardisation into the weights (:meth:`HeadChoice.linear`), so it loads into
 the ordinary linear head of :class:`tl_core.model.TransferModel` and everything downstream (evaluation,
@@ -18,9 +19,13 @@ label-issue finder uses them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -166,43 +171,62 @@ def _log_prior(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.log(np.maximum(counts, 0.5) / len(y)).astype(np.float32)
 
 
+class _Stopped(Exception):
+    """Raised inside a fold's fits once the search was stopped or another fold failed."""
+
+
 def _fit_path(
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: np.ndarray,
+    y: np.ndarray,
     n_classes: int,
     cs: Sequence[float],
-    sample_weight: torch.Tensor | None,
-    after_each: Callable[[int, torch.Tensor, torch.Tensor], None],
+    sample_weight: np.ndarray | None,
+    after_each: Callable[[int, np.ndarray, np.ndarray], None],
     max_iter: int = MAX_ITER,
+    stop: threading.Event | None = None,
+    start: np.ndarray | None = None,
 ) -> None:
     """L-BFGS fits of L2-regularised multinomial logistic regression along ``cs`` (increasing), warm-started.
 
     Minimises scikit-learn's objective divided by ``C * n`` (same minimiser, better conditioned):
     ``sum_i w_i * CE_i / n + |W|^2 / (2 C n)``; the bias is not penalised. Calls ``after_each(i, W, b)``.
+    The loss and its gradient (softmax minus one-hot) are written out, so each evaluation is two float32
+    matrix products with ``x``; scipy's L-BFGS-B (what scikit-learn's ``lbfgs`` solver runs) takes the
+    steps. The first fit starts from ``start`` (``W`` then ``b``, flattened; default zeros). Raises
+    :class:`_Stopped` at the next evaluation once ``stop`` is set.
     """
+    from scipy.optimize import minimize
+
     n, d = x.shape
-    w = torch.zeros(n_classes, d, dtype=x.dtype, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)
+    rows = np.arange(n)
+    # d loss / d logits = (softmax - one-hot) * row weight
+    row_weight = (np.full(n, 1.0 / n) if sample_weight is None else np.asarray(sample_weight) / n).astype(np.float32)
+    size = n_classes * d
+    params = np.zeros(size + n_classes) if start is None else np.asarray(start, dtype=np.float64)
     for i, c in enumerate(cs):
         alpha = 1.0 / (2.0 * c * n)
-        opt = torch.optim.LBFGS(
-            [w, b], lr=1, max_iter=max_iter, history_size=10, tolerance_grad=1e-4, tolerance_change=1e-9,
-            line_search_fn="strong_wolfe",
-        )
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            logits = torch.addmm(b, x, w.T)
-            if sample_weight is None:
-                loss = torch.nn.functional.cross_entropy(logits, y)
-            else:
-                loss = (torch.nn.functional.cross_entropy(logits, y, reduction="none") * sample_weight).sum() / n
-            loss = loss + alpha * (w * w).sum()
-            loss.backward()
-            return loss
+        def loss_and_grad(flat: np.ndarray) -> tuple[float, np.ndarray]:
+            if stop is not None and stop.is_set():
+                raise _Stopped
+            w = flat[:size].reshape(n_classes, d).astype(np.float32)
+            b = flat[size:].astype(np.float32)
+            z = x @ w.T + b
+            z -= z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            total = e.sum(axis=1)
+            loss = float(row_weight @ (np.log(total) - z[rows, y])) + alpha * float((w * w).sum())
+            g = e / total[:, None]
+            g[rows, y] -= 1.0
+            g *= row_weight[:, None]
+            grad_w = g.T @ x + (2.0 * alpha) * w
+            return loss, np.concatenate([grad_w.ravel(), g.sum(axis=0)]).astype(np.float64)
 
-        opt.step(closure)
-        after_each(i, w.detach(), b.detach())
+        params = minimize(
+            loss_and_grad, params, jac=True, method="L-BFGS-B",
+            options={"maxiter": max_iter, "maxfun": max_iter * 5 // 4, "maxcor": 10, "gtol": 1e-4, "ftol": 1e-9},
+        ).x
+        after_each(i, params[:size].reshape(n_classes, d).astype(np.float32), params[size:].astype(np.float32))
 
 
 def _scores(probs: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[float, float, float, float]:
@@ -249,15 +273,87 @@ def _as_views(features: np.ndarray) -> np.ndarray:
 
 def _fit_balanced(
     x_raw: np.ndarray, y: np.ndarray, n_classes: int, standardise: bool, cs: Sequence[float],
-    after_each: Callable[[int, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray], None],
+    after_each: Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None],
+    stop: threading.Event | None = None,
+    start: np.ndarray | None = None,
 ) -> None:
     """The class-balanced fits along ``cs`` on ``x_raw`` (standardised first when asked)."""
     mean, scale = _standardiser(x_raw, standardise)
-    x = torch.from_numpy((x_raw - mean) / scale)
+    x = (x_raw - mean) / scale
     counts = np.bincount(y, minlength=n_classes)
     balanced = counts[counts > 0].min() == counts[counts > 0].max()
-    sw = None if balanced else class_weights(y, n_classes)[torch.from_numpy(y)]
-    _fit_path(x, torch.from_numpy(y).long(), n_classes, cs, sw, lambda i, w, b: after_each(i, w, b, mean, scale))
+    sw = None if balanced else class_weights(y, n_classes).numpy()[y]
+    _fit_path(x, y, n_classes, cs, sw, lambda i, w, b: after_each(i, w, b, mean, scale), stop=stop,
+              start=start)
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """numpy's and scipy's BLAS on one thread while any search runs (two sessions may search at once: the
+    limit is set by the first and lifted by the last, so it is never left on)."""
+    global _blas_users, _blas_limiter
+    from threadpoolctl import threadpool_limits
+
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
+#: ``job(fitted, stop)``: fits one path, calls ``fitted()`` after each fit, passes ``stop`` to :func:`_fit_path`.
+_Job = Callable[[Callable[[], None], threading.Event], None]
+
+
+def _in_parallel(jobs: Sequence[_Job], fits: int, progress: HeadProgress | None, reported: int, total: int) -> None:
+    """Runs ``jobs`` on up to ``torch.get_num_threads()`` threads; they make ``fits`` fits in all.
+
+    After each fit ``progress(reported + fits so far, total)`` is called on the caller's thread, so it may
+    raise to stop the search: the jobs then stop at their next evaluation and the exception propagates. A
+    job's own error propagates the same way.
+
+    The fits run one BLAS thread each (``threadpoolctl``), side by side: a fit's two skinny matrix
+    products use two cores poorly, and two BLAS thread pools (numpy's and scipy's) spinning on the same
+    two cores slowed the search down more than they sped it up.
+    """
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def run(job: _Job) -> None:
+        try:
+            job(lambda: events.put(None), stop)
+        except _Stopped:
+            pass
+        except Exception as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
+            events.put(exc)
+
+    workers = max(1, min(len(jobs), torch.get_num_threads()))
+    with _one_blas_thread():
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="head-search")
+        try:
+            for job in jobs:
+                pool.submit(run, job)
+            for done in range(reported + 1, reported + fits + 1):
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _cross_validate(
@@ -268,8 +364,9 @@ def _cross_validate(
     seed: int,
     progress: HeadProgress | None,
     total: int,
-) -> tuple[dict[HeadCandidate, np.ndarray], int]:
-    """Out-of-fold probabilities of every candidate: ``{candidate: [n, classes]}``, and the folds used."""
+) -> tuple[dict[HeadCandidate, np.ndarray], int, dict[tuple[bool, float], list[np.ndarray]]]:
+    """Out-of-fold probabilities of every candidate: ``{candidate: [n, classes]}``, the folds used, and each
+    fold's fitted parameters (``W`` then ``b``, flattened) by ``(standardise, C)``."""
     from sklearn.model_selection import StratifiedKFold
 
     k = n_folds(labels)
@@ -282,30 +379,32 @@ def _cross_validate(
     for key in paths:
         paths[key].sort()
     oof = {c: np.zeros((n, n_classes), np.float32) for c in cands}
-    done = 0
+    # Indexed by fold, so their mean does not depend on which fold finished first.
+    fitted_params: dict[tuple[bool, float], list[np.ndarray]] = {(s, c): [None] * k for s, cs in paths.items() for c in cs}
+    jobs = []
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    for train_idx, val_idx in splitter.split(np.zeros(n), labels):
+    for fold, (train_idx, val_idx) in enumerate(splitter.split(np.zeros(n), labels)):
         # Every augmented view of a training-fold image trains; the held-out images are judged on view 0
         # (the centre crop), as validation is.
-        y_tr = np.repeat(labels[train_idx], views)
-        prior = _log_prior(y_tr, n_classes)
-        x_va_raw = feats[val_idx, 0]
         for standardise, cs in paths.items():
 
-            def keep(i, w, b, mean, scale, cs=cs, standardise=standardise, val_idx=val_idx, prior=prior):
-                nonlocal done
-                x_va = torch.from_numpy((x_va_raw - mean) / scale)
-                with torch.no_grad():
-                    logits = torch.addmm(b, x_va, w.T).numpy()
-                for c in cands:
-                    if c.standardise == standardise and c.C == cs[i]:
-                        oof[c][val_idx] = _softmax(logits + (1.0 - c.balance) * prior)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+            def job(fitted, stop, fold=fold, train_idx=train_idx, val_idx=val_idx, standardise=standardise, cs=cs):
+                y_tr = np.repeat(labels[train_idx], views)
+                prior = _log_prior(y_tr, n_classes)
 
-            _fit_balanced(feats[train_idx].reshape(-1, dim), y_tr, n_classes, standardise, cs, keep)
-    return oof, k
+                def keep(i, w, b, mean, scale):
+                    fitted_params[standardise, cs[i]][fold] = np.concatenate([w.ravel(), b])
+                    logits = ((feats[val_idx, 0] - mean) / scale) @ w.T + b
+                    for c in cands:
+                        if c.standardise == standardise and c.C == cs[i]:
+                            oof[c][val_idx] = _softmax(logits + (1.0 - c.balance) * prior)
+                    fitted()
+
+                _fit_balanced(feats[train_idx].reshape(-1, dim), y_tr, n_classes, standardise, cs, keep, stop)
+
+            jobs.append(job)
+    _in_parallel(jobs, k * sum(len(cs) for cs in paths.values()), progress, 0, total)
+    return oof, k, fitted_params
 
 
 def _rank_key(row: dict, best_balanced: float) -> tuple:
@@ -401,9 +500,8 @@ def select_head(
         cands = [c for c in cands if c.balance == 1.0 and c.standardise]
     k = n_folds(labels)
     per_fold = sum(len({c.C for c in cands if c.standardise == s}) for s in {c.standardise for c in cands})
-    best_path_len = len(C_GRID)
-    total = k * per_fold + best_path_len
-    oof, k = _cross_validate(feats, labels, n_classes, cands, seed, progress, total)
+    total = k * per_fold + 1  # the folds' fits, then the refit
+    oof, k, fitted_params = _cross_validate(feats, labels, n_classes, cands, seed, progress, total)
     table = []
     for c in cands:
         acc, bal, ll, bll = _scores(oof[c], labels, n_classes)
@@ -418,23 +516,23 @@ def select_head(
         best_i = _best_index(cands, table, oof, labels, n_classes)
     table[best_i]["chosen"] = True
     best = cands[best_i]
-    # Refit on every training image along the same warm-started path up to the chosen C, so the refit
-    # lands where the folds' fits did.
-    path = sorted({c for c in C_GRID if c <= best.C} | {best.C})
+    # Refit on every training image at the chosen setting, from the mean of the folds' solutions there: it is
+    # close to the refit's (each fold holds most of the images), so the refit needs no path of its own. The
+    # objective is convex and the fits stop at the same gradient tolerance, so the start changes the time
+    # (one fit of a few steps instead of a path), not the solution.
     y_all = np.repeat(labels, feats.shape[1])
+    start = np.mean(fitted_params[best.standardise, best.C], axis=0)
     out: dict = {}
-    done = total - best_path_len
 
-    def keep(i, w, b, mean, scale):
-        nonlocal done
-        out.update(w=w.clone().numpy(), b=b.clone().numpy(), mean=mean, scale=scale)
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    def refit(fitted, stop):
+        def keep(i, w, b, mean, scale):
+            out.update(w=w, b=b, mean=mean, scale=scale)
+            fitted()
 
-    _fit_balanced(feats.reshape(-1, feats.shape[2]), y_all, n_classes, best.standardise, path, keep)
-    if progress is not None and done < total:
-        progress(total, total)
+        _fit_balanced(feats.reshape(-1, feats.shape[2]), y_all, n_classes, best.standardise, [best.C], keep, stop,
+                      start)
+
+    _in_parallel([refit], 1, progress, total - 1, total)
     bias = out["b"] + (1.0 - best.balance) * _log_prior(y_all, n_classes)
     choice = HeadChoice(
         candidate=best, weight=out["w"], bias=bias, mean=out["mean"], scale=out["scale"],
