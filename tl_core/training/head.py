@@ -336,7 +336,7 @@ def _in_parallel(jobs: Sequence[_Job], fits: int, progress: HeadProgress | None,
             job(lambda: events.put(None), stop)
         except _Stopped:
             pass
-        except Exception as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
+        except BaseException as exc:  # noqa: BLE001 - any end of a job must reach the caller, who waits for it
             events.put(exc)
 
     workers = max(1, min(len(jobs), torch.get_num_threads()))
