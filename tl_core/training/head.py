@@ -317,10 +317,10 @@ def _one_blas_thread() -> Iterator[None]:
 _Job = Callable[[Callable[[], None], threading.Event], None]
 
 
-def _in_parallel(jobs: Sequence[_Job], fits: int, progress: HeadProgress | None, reported: int, total: int) -> None:
+def _in_parallel(jobs: Sequence[_Job], fits: int, progress: HeadProgress | None, total: int) -> None:
     """Runs ``jobs`` on up to ``torch.get_num_threads()`` threads; they make ``fits`` fits in all.
 
-    After each fit ``progress(reported + fits so far, total)`` is called on the caller's thread, so it may
+    After each fit ``progress(fits so far, total)`` is called on the caller's thread, so it may
     raise to stop the search: the jobs then stop at their next evaluation and the exception propagates. A
     job's own error propagates the same way.
 
@@ -345,7 +345,7 @@ def _in_parallel(jobs: Sequence[_Job], fits: int, progress: HeadProgress | None,
         try:
             for job in jobs:
                 pool.submit(run, job)
-            for done in range(reported + 1, reported + fits + 1):
+            for done in range(1, fits + 1):
                 event = events.get()
                 if isinstance(event, BaseException):
                     raise event
@@ -403,7 +403,7 @@ def _cross_validate(
                 _fit_balanced(feats[train_idx].reshape(-1, dim), y_tr, n_classes, standardise, cs, keep, stop)
 
             jobs.append(job)
-    _in_parallel(jobs, k * sum(len(cs) for cs in paths.values()), progress, 0, total)
+    _in_parallel(jobs, k * sum(len(cs) for cs in paths.values()), progress, total)
     return oof, k, fitted_params
 
 
@@ -523,16 +523,11 @@ def select_head(
     y_all = np.repeat(labels, feats.shape[1])
     start = np.mean(fitted_params[best.standardise, best.C], axis=0)
     out: dict = {}
-
-    def refit(fitted, stop):
-        def keep(i, w, b, mean, scale):
-            out.update(w=w, b=b, mean=mean, scale=scale)
-            fitted()
-
-        _fit_balanced(feats.reshape(-1, feats.shape[2]), y_all, n_classes, best.standardise, [best.C], keep, stop,
-                      start)
-
-    _in_parallel([refit], 1, progress, total - 1, total)
+    with _one_blas_thread():  # one fit: nothing to run beside it, and no second BLAS pool to spin against
+        _fit_balanced(feats.reshape(-1, feats.shape[2]), y_all, n_classes, best.standardise, [best.C],
+                      lambda i, w, b, mean, scale: out.update(w=w, b=b, mean=mean, scale=scale), start=start)
+    if progress is not None:
+        progress(total, total)
     bias = out["b"] + (1.0 - best.balance) * _log_prior(y_all, n_classes)
     choice = HeadChoice(
         candidate=best, weight=out["w"], bias=bias, mean=out["mean"], scale=out["scale"],
